@@ -1,0 +1,67 @@
+"""The `gigatron` command.
+
+    gigatron train RECIPE [--set k=v]       train in this process (torchrun: -m gigatron.core.train)
+    gigatron validate RECIPE [--world-size N] [--set k=v]   check a recipe, start nothing
+    gigatron layout RECIPE [--set k=v]      print world_size and degrees (used by cluster/launch.sh)
+    gigatron plan RECIPE [--json]           parameter count and layout, without allocating the model
+    gigatron prepare-text SOURCES --out P   tokenize text into token shards
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gigatron.core.config import ConfigError, load_config
+
+
+def _recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/llama3_debug.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field, e.g. --set parallel.dp=4 (repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "prepare-text":
+        from gigatron.data_pipeline.prepare import main as prepare_main
+
+        return prepare_main(argv[1:]) or 0
+    if argv and argv[0] == "train":
+        from gigatron.core.train import main as train_main
+
+        return train_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="gigatron", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train in this process")
+    sub.add_parser("prepare-text", help="tokenize text into token shards")
+    p_validate = sub.add_parser("validate", help="check a recipe without starting anything")
+    _recipe_args(p_validate)
+    p_validate.add_argument("--world-size", type=int, default=None, help="processes the job will have")
+    p_layout = sub.add_parser("layout", help="print the world size and degrees of a recipe")
+    _recipe_args(p_layout)
+    p_plan = sub.add_parser("plan", help="parameter count and layout, computed on the meta device")
+    _recipe_args(p_plan)
+    p_plan.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.recipe, args.overrides, world_size=getattr(args, "world_size", None))
+    except ConfigError as err:
+        print(f"gigatron: {err}", file=sys.stderr)
+        return 2
+    p = cfg.parallel
+    if args.command == "validate":
+        print(f"ok: {args.recipe} (world size {p.world_size})")
+    elif args.command == "layout":
+        print(f"world_size={p.world_size} tp={p.tp} cp={p.cp} pp={p.pp} dp={p.dp}")
+    elif args.command == "plan":
+        from gigatron.cluster.plan import format_plan, plan, to_json
+
+        info = plan(cfg)
+        print(to_json(info) if args.json else format_plan(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

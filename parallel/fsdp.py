@@ -1,0 +1,41 @@
+"""Sharded data parallelism with FSDP2 (`torch.distributed.fsdp.fully_shard`) over the dp dimension.
+
+Llama 3's choices are the defaults: each block's weights stay gathered from forward to backward
+(`reshard_after_forward=False`, no second all-gather), gradients are reduce-scattered in FP32, and
+parameters, gradients and optimizer state are sharded. With dp_replicate > 1 the mesh is 2-D and
+FSDP2 runs HSDP: shard inside a group, all-reduce across groups.
+
+Context-parallel ranks hold the same parameters but different tokens, so their gradients must be
+averaged too: FSDP shards over the flattened (dp_shard, cp) mesh "fsdp_shard".
+
+Collectives (issued inside FSDP2, per block): forward all-gather of the block's shards; backward
+reduce-scatter of its gradients (and all-reduce across dp_replicate under HSDP).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from gigatron.core.config import ParallelConfig
+
+
+def fsdp_mesh(mesh: DeviceMesh, cfg: ParallelConfig) -> DeviceMesh:
+    if cfg.dp_replicate > 1:
+        return mesh["dp_replicate", "fsdp_shard"]
+    return mesh["fsdp_shard"]
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, param_dtype: torch.dtype) -> nn.Module:
+    """Wrap each transformer block, then the root (embedding, final norm, output)."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    dp_mesh = fsdp_mesh(mesh, cfg)
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # The last block's weights are needed at once by backward: never reshard it.
+        reshard = cfg.reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
+    return model
