@@ -1,0 +1,155 @@
+"""Triton flash attention with log-sum-exp output: python launchers for forward and backward.
+
+Same interface and semantics as `attention_reference.py` (read its docstring for the math); the
+kernels themselves, with the online-softmax and backward derivations, are in
+`attention_triton_kernels.py`. That module is imported on first use, so this one imports fine without
+triton and honours TRITON_INTERPRET=1 (CPU tensors through the triton interpreter) when it is set any
+time before the first launch.
+
+Tensors may be strided (e.g. q = x.view(B, T, H, D).transpose(1, 2)): only the head dim must be
+contiguous. Outputs (out, dq, dk, dv, and the fp32 (B, H, T) lse) are freshly allocated contiguous
+tensors. The GPU path autotunes block sizes once per (head dim, GQA group, mask kind, dtype class).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from .attention_reference import check_inputs
+
+__all__ = ["attention_forward_triton", "attention_backward_triton", "triton_available", "interpret_mode"]
+
+# Block sizes used under the interpreter (on GPU the kernels autotune). 32 keeps tiny test shapes
+# multi-tile, so ragged tails and tile skipping are exercised.
+_INTERPRET_BLOCK = 32
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when `import triton` works."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising something else
+        return False
+    return True
+
+
+def interpret_mode() -> bool:
+    """True when TRITON_INTERPRET=1 (kernels then run on CPU tensors through the interpreter)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _kernels():
+    if not triton_available():
+        raise RuntimeError("the triton attention backend needs triton (pip install triton)")
+    from . import attention_triton_kernels
+
+    return attention_triton_kernels
+
+
+def _empty_like(t):
+    """Output buffer shaped like t. Under the interpreter low-precision outputs are written in fp32 and
+    rounded by torch afterwards (`_finish`): the interpreter's fp32 -> bf16 cast truncates, whereas GPU
+    stores round to nearest even."""
+    dtype = torch.float32 if interpret_mode() else t.dtype
+    return torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def _finish(buf, dtype):
+    return buf if buf.dtype == dtype else buf.to(dtype)
+
+
+def _head_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bht(t):
+    """(b, h, t) strides of a (B, H, T, D) tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _mask_args(q, causal, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
+    """Pointers, batch strides and flags for positions / segment ids (q stands in for unused ones).
+    Positions only matter for causal masks; (T,) positions get batch stride 0, (B, T) ones their own.
+    Both are passed as int32 (cheaper masks in registers); values must fit in int32."""
+    args, strides, flags = [], [], []
+    for pos in (q_positions, kv_positions):
+        used = causal and pos is not None
+        pos = pos.to(torch.int32).contiguous() if used else q
+        args.append(pos)
+        strides.append(pos.stride(0) if used and pos.dim() == 2 else 0)
+        flags.append(used)
+    has_seg = q_segment_ids is not None
+    for seg in (q_segment_ids, kv_segment_ids):
+        seg = seg.to(torch.int32).contiguous() if has_seg else q
+        args.append(seg)
+        strides.append(seg.stride(0) if has_seg else 0)
+    return args, strides, dict(HAS_QPOS=flags[0], HAS_KPOS=flags[1], HAS_SEG=has_seg,
+                               DIAG_BOUND=causal and not any(flags), SKIP_EMPTY=has_seg or any(flags))
+
+
+def _common(q, k, v, causal, q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale):
+    B, H, Hkv, T, S, D = check_inputs(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    mask_ptrs, mask_strides, flags = _mask_args(q, bool(causal), q_positions, kv_positions,
+                                                q_segment_ids, kv_segment_ids)
+    cast = interpret_mode() or q.dtype == torch.float32
+    meta = dict(GROUP=H // Hkv, HEAD_DIM=D, BLOCK_D=max(16, 1 << (D - 1).bit_length()), CAUSAL=bool(causal),
+                CAST_FP32=cast, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **flags)
+    if interpret_mode():
+        meta.update(BLOCK_M=_INTERPRET_BLOCK, BLOCK_N=_INTERPRET_BLOCK)
+    return B, H, Hkv, T, S, D, scale, mask_ptrs, mask_strides, meta
+
+
+def attention_forward_triton(q, k, v, *, causal, q_positions=None, kv_positions=None,
+                             q_segment_ids=None, kv_segment_ids=None, scale=None):
+    """Return (out (B, H, T, D) in q's dtype, lse (B, H, T) fp32)."""
+    kern = _kernels()
+    q, k, v = _head_contiguous(q), _head_contiguous(k), _head_contiguous(v)
+    B, H, Hkv, T, S, D, scale, mask_ptrs, mask_strides, meta = _common(
+        q, k, v, causal, q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale)
+    out = _empty_like(q)
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return _finish(out.zero_(), q.dtype), lse.fill_(float("-inf"))
+    grid = lambda m: (_cdiv(T, m["BLOCK_M"]), B * H)  # noqa: E731
+    kern._attn_fwd[grid](q, k, v, out, lse, *mask_ptrs, *_bht(q), *_bht(k), *_bht(v), *_bht(out),
+                         *mask_strides, H, T, S, scale * kern.LOG2E, **meta)
+    return _finish(out, q.dtype), lse
+
+
+def attention_backward_triton(dout, q, k, v, out, lse, *, causal, q_positions=None, kv_positions=None,
+                              q_segment_ids=None, kv_segment_ids=None, scale=None):
+    """Return (dq, dk, dv) in the input dtypes; out / lse may be global results (see the reference)."""
+    kern = _kernels()
+    dout, q, k, v, out = (_head_contiguous(t) for t in (dout, q, k, v, out))
+    B, H, Hkv, T, S, D, scale, mask_ptrs, mask_strides, meta = _common(
+        q, k, v, causal, q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale)
+    if tuple(lse.shape) != (B, H, T) or tuple(out.shape) != tuple(q.shape) or dout.shape != out.shape:
+        raise ValueError(f"out / dout must be {tuple(q.shape)} and lse ({B}, {H}, {T})")
+    lse = lse.float().contiguous()
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return _finish(dq.zero_(), q.dtype), _finish(dk.zero_(), k.dtype), _finish(dv.zero_(), v.dtype)
+    delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    pre_block = 64
+    kern._attn_bwd_preprocess[(_cdiv(T, pre_block), B * H)](
+        out, dout, delta, *_bht(out), *_bht(dout), H, T,
+        HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block)
+    grid_kv = lambda m: (_cdiv(S, m["BLOCK_N"]), B * Hkv)  # noqa: E731
+    kern._attn_bwd_dkdv[grid_kv](q, k, v, dout, lse, delta, dk, dv, *mask_ptrs,
+                                 *_bht(q), *_bht(k), *_bht(v), *_bht(dout), *_bht(dk), *_bht(dv),
+                                 *mask_strides, H, Hkv, T, S, scale * kern.LOG2E, scale, **meta)
+    grid_q = lambda m: (_cdiv(T, m["BLOCK_M"]), B * H)  # noqa: E731
+    kern._attn_bwd_dq[grid_q](q, k, v, dout, lse, delta, dq, *mask_ptrs,
+                              *_bht(q), *_bht(k), *_bht(v), *_bht(dout), *_bht(dq),
+                              *mask_strides, H, T, S, scale * kern.LOG2E, scale, **meta)
+    return _finish(dq, q.dtype), _finish(dk, k.dtype), _finish(dv, v.dtype)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
