@@ -10,6 +10,7 @@ import json
 
 from gigatron.core.config import Config
 from gigatron.core.models.llama import count_parameters
+from gigatron.parallel.pipeline_split import describe, format_rows, theoretical_bubble
 
 
 def plan(cfg: Config) -> dict:
@@ -27,6 +28,10 @@ def plan(cfg: Config) -> dict:
         "tokens_per_step": t.tokens_per_step,
         "micro_batches_per_step": t.global_batch_size // (t.micro_batch_size * p.dp),
         "parameters_per_rank": n_params // p.world_size,
+        # which layers each (pp rank, virtual stage) holds, and its cost in layers (parallel/pipeline_split.py)
+        "pipeline": {"chunks": describe(m, t.seq_len, p.pp, p.pp_virtual_stages, p.pp_first_last_fewer_layers),
+                     "bubble_theory": theoretical_bubble(p.pp, p.pp_virtual_stages,
+                                                         t.global_batch_size // (t.micro_batch_size * p.dp))},
     }
 
 
@@ -40,6 +45,9 @@ def format_plan(info: dict) -> str:
         f"batch        {info['tokens_per_step']:,} tokens per step, {info['micro_batches_per_step']} micro-batches "
         f"per data-parallel rank",
         f"per rank     ~{info['parameters_per_rank']:,} parameters",
+        f"pipeline     {len(info['pipeline']['chunks'])} chunks, bubble (p-1)/(v*m+p-1) = "
+        f"{info['pipeline']['bubble_theory']:.1%}",
+        *format_rows(info["pipeline"]["chunks"]),
     ])
 
 

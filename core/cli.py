@@ -5,6 +5,8 @@
     gigatron layout RECIPE [--set k=v]      print world_size and degrees (used by cluster/launch.sh)
     gigatron plan RECIPE [--json]           parameter count and layout, without allocating the model
     gigatron prepare-text SOURCES --out P   tokenize text into token shards
+    gigatron convert to-hf CKPT OUT         checkpoint -> Hugging Face Llama (safetensors, config, tokenizer)
+    gigatron convert from-hf HF_DIR CKPT    Hugging Face Llama -> model-only checkpoint (checkpoint.load=CKPT)
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         from gigatron.data_pipeline.prepare import main as prepare_main
 
         return prepare_main(argv[1:]) or 0
+    if argv and argv[0] == "convert":  # its own parser; transformers is imported only for tokenizer files
+        from gigatron.core.convert.cli import main as convert_main
+
+        return convert_main(argv[1:])
     if argv and argv[0] == "train":
         from gigatron.core.train import main as train_main
 
@@ -36,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train in this process")
     sub.add_parser("prepare-text", help="tokenize text into token shards")
+    sub.add_parser("convert", help="checkpoints to and from Hugging Face (convert to-hf|from-hf -h)")
     p_validate = sub.add_parser("validate", help="check a recipe without starting anything")
     _recipe_args(p_validate)
     p_validate.add_argument("--world-size", type=int, default=None, help="processes the job will have")

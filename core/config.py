@@ -51,6 +51,7 @@ class ParallelConfig:
     pp_virtual_stages: int = 1            # model chunks per pipeline rank (interleaved schedule)
     pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "zero_bubble"] = "1f1b"
     pp_first_last_fewer_layers: int = 1   # Llama 3: first/last stage hold one layer less (embedding, loss)
+    pp_timeline_step: int = 2             # record this step's pipeline timeline to run.dir (1-based; 0 = never); 2 skips warm-up
     cp_mode: Literal["auto", "allgather", "ring"] = "auto"  # auto: allgather if causal, ring if bidirectional
     reshard_after_forward: bool = False   # Llama 3: keep gathered weights for backward (no 2nd all-gather)
     activation_checkpoint: Literal["none", "selective", "full"] = "none"
@@ -78,6 +79,7 @@ class TrainConfig:
     seed: int = 0                         # seeds init, data order and dropout
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
     compile: bool = False                 # torch.compile each block
+    max_skipped_steps: int = 5            # stop after this many non-finite loss/grad steps in a row
 
     @property
     def tokens_per_step(self) -> int:
@@ -96,7 +98,10 @@ class DataConfig:
 class CheckpointConfig:
     interval: int = 0                     # save every N steps; 0 = only at the end
     keep_last: int = 3                    # retention: newest K checkpoints are kept
-    load: str = ""                        # a checkpoint to start from instead of the run's latest
+    load: str = ""                        # a checkpoint to start from when the run has none of its own yet
+    keep_every: int = 0                   # retention: also keep every step divisible by N; 0 = none
+    async_save: bool = False              # write in a background thread (dcp.async_save); commit at next save
+    fallback_to_previous: bool = False    # a checkpoint failing verification: resume from the previous good one
 
 
 @dataclass
@@ -149,9 +154,18 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
              f"model.n_kv_heads={m.n_kv_heads} and tp={p.tp}: one must divide the other "
              f"(KV heads are split, or replicated when fewer than tp)")
     _require(m.ffn_dim % p.tp == 0, "model.ffn_dim", f"{m.ffn_dim} is not divisible by tp={p.tp}")
+    # the vocabulary is sharded torch.chunk-style over tp (uneven allowed): every rank needs a piece
+    vocab_chunk = -(-m.vocab_size // p.tp)
+    _require(vocab_chunk * (p.tp - 1) < m.vocab_size, "model.vocab_size",
+             f"{m.vocab_size} rows split over tp={p.tp} in chunks of {vocab_chunk} leave a rank without "
+             f"vocabulary; use a vocab_size above {vocab_chunk * (p.tp - 1)} or a smaller tp")
     _require(m.dim % p.tp == 0, "model.dim", f"{m.dim} is not divisible by tp={p.tp}")
     _require(t.seq_len % (2 * p.cp) == 0, "train.seq_len",
              f"{t.seq_len} must be divisible by 2*cp={2 * p.cp} (context parallel splits it into 2*cp chunks)")
+    # context parallel merges partial attentions through their log-sum-exp (parallel/context.py)
+    _require(p.cp == 1 or m.attention_backend != "sdpa", "model.attention_backend",
+             f"'sdpa' returns no log-sum-exp, which context parallel (cp={p.cp}) needs; set "
+             f"model.attention_backend=auto (triton on GPU, the torch kernel on CPU) or torch")
     if p.sequence_parallel and p.tp > 1:
         chunk = t.seq_len // p.cp
         _require(chunk % p.tp == 0, "train.seq_len",
@@ -178,6 +192,19 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         _require(n_micro >= p.pp, "train.global_batch_size",
                  f"gives {n_micro} micro-batches per step but the pipeline has {p.pp} stages; need at least "
                  f"{p.pp} (raise train.global_batch_size to {p.pp * per_step})")
+        if p.pp_schedule in ("interleaved_1f1b", "zero_bubble"):
+            # torch's flexible interleaved schedules run the micro-batches in max(1, m // pp) equal rounds
+            ok = [k for k in range(p.pp, 3 * p.pp + 1) if k % max(1, k // p.pp) == 0]
+            _require(n_micro % max(1, n_micro // p.pp) == 0, "train.global_batch_size",
+                     f"gives {n_micro} micro-batches, which '{p.pp_schedule}' cannot split into "
+                     f"{max(1, n_micro // p.pp)} equal rounds (needs m % max(1, m // pp) == 0); use m among {ok}, "
+                     f"i.e. train.global_batch_size among {[k * per_step for k in ok]}")
+        _require(p.pp_first_last_fewer_layers >= 0, "parallel.pp_first_last_fewer_layers",
+                 f"{p.pp_first_last_fewer_layers} must be >= 0 (layers taken off the first and last stage)")
+    _require(p.pp > 1 or p.pp_virtual_stages == 1, "parallel.pp_virtual_stages",
+             f"{p.pp_virtual_stages} virtual stages need a pipeline; set parallel.pp > 1 or pp_virtual_stages=1")
+    _require(p.pp_timeline_step >= 0, "parallel.pp_timeline_step",
+             f"{p.pp_timeline_step} must be >= 0 (a 1-based step number; 0 = no timeline)")
     _require(0 < t.lr < 1, "train.lr", f"{t.lr} is not a sensible peak learning rate; use a value in (0, 1)")
     _require(0 <= t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} must lie in [0, train.lr={t.lr}]")
     _require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps",

@@ -6,34 +6,45 @@ metrics across ranks and log them. The loss is the mean over every token of the 
 each rank divides its summed cross-entropy by its own token count, and FSDP averages gradients over
 the dp x cp ranks, which all hold the same number of tokens.
 
-Exit codes: 0 finished; 2 bad recipe; 42 checkpointed on request (the launcher requeues the job).
+Pipeline parallel (pp > 1, parallel/pipeline.py): `self.model` is the rank's part of the model (full
+parameter names), the pipeline schedule runs every micro-batch through the rank's stages in one call,
+the loss sum is all-reduced over pp, and the gradient norm sums squares over pp.
+
+Exit codes: 0 finished; 2 bad recipe; 3 too many non-finite steps in a row (train.max_skipped_steps);
+42 checkpointed on request (a `checkpoint_request` file in the run folder, or SIGTERM/SIGUSR1 from the
+scheduler): the launcher requeues the job, which resumes from `latest`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import dataclasses
 import os
+import signal
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from gigatron.core import checkpoint
 from gigatron.core.config import Config, ConfigError, load_config
 from gigatron.core.metrics import MetricsWriter, device_peak_flops, flops_per_token, format_step
-from gigatron.core.models.llama import Llama
+from gigatron.core.models.llama import Llama, count_parameters
 from gigatron.core.optim import build_optimizer
 from gigatron.data_pipeline.sampler import PackedBatchStream
 from gigatron.data_pipeline.token_shards import TokenShards
+from gigatron.parallel.context import cp_shard_batch
 from gigatron.parallel.mesh import ParallelDims, device_type, init_distributed
 from gigatron.parallel.parallelize import parallelize_llama, place_shard
+from gigatron.parallel.pipeline import Pipeline, build_pipeline, clip_grad_norm_
+from gigatron.parallel.tensor import build_loss_fn
 
 log = logging.getLogger("gigatron")
 REQUEUE_EXIT_CODE = 42
+NON_FINITE_EXIT_CODE = 3
 
 
 def compute_dtype(cfg: Config) -> torch.dtype:
@@ -57,14 +68,21 @@ def ensure_data(cfg: Config) -> TokenShards:
     return shards
 
 
-def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> Llama:
-    """Build on the meta device, parallelize, then allocate only this rank's shards and init them."""
+def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> tuple[Llama, Pipeline | None]:
+    """Build on the meta device, parallelize, then allocate only this rank's shards and init them.
+    With pp > 1 the model is the rank's part of the layers, run by the returned pipeline's stages."""
+    def parallelize(module: Llama) -> Llama:
+        return parallelize_llama(module, dims, cfg, compute_dtype(cfg))
+
+    if dims.pp > 1:
+        n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dims.dp)
+        return build_pipeline(cfg, dims, device, parallelize, place_shard, n_micro, build_loss_fn(dims.mesh))
     with torch.device("meta"):
         model = Llama(cfg.model)
-    model = parallelize_llama(model, dims, cfg, compute_dtype(cfg))
+    model = parallelize(model)
     model.to_empty(device=device)
     model.init_weights(cfg.train.seed, place=place_shard)
-    return model
+    return model, None
 
 
 class Trainer:
@@ -72,29 +90,51 @@ class Trainer:
         self.cfg, self.dims, self.mesh = cfg, dims, dims.mesh
         self.device = torch.device(device_type(), torch.cuda.current_device() if torch.cuda.is_available() else None)
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg, dims, self.device)
+        self.model, self.pipeline = build_model(cfg, dims, self.device)
+        self.loss_fn = build_loss_fn(self.mesh)  # summed CE; vocabulary-parallel when the logits are sharded on V
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), cfg.train)
         t = cfg.train
         self.n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
         self.batches = PackedBatchStream(ensure_data(cfg), t.seq_len, t.micro_batch_size,
                                     dp_rank=self.mesh["batch"].get_local_rank(), dp_size=dims.dp, seed=t.seed)
         self.step = 0
-        self.n_params = sum(p.numel() for p in self.model.parameters())  # global sizes of DTensors
+        self.n_params = count_parameters(cfg.model)  # the whole model, whatever this rank holds
         self.flops_per_token = flops_per_token(cfg.model, self.n_params, t.seq_len)
         self.ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
+        c = cfg.checkpoint
+        self.checkpointer = checkpoint.Checkpointer(self.ckpt_root, keep_last=c.keep_last, keep_every=c.keep_every,
+                                                    async_save=c.async_save, fallback_to_previous=c.fallback_to_previous,
+                                                    config=dataclasses.asdict(cfg))
+        self.saved_step = -1
+        self.skipped_steps, self.skipped_in_a_row = 0, 0
+        self.stop_signal: int | None = None  # set by SIGTERM/SIGUSR1: checkpoint at the next step boundary
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum  # only a flag: the save happens between steps, on every rank together
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_extra(self) -> dict:
         return {"step": self.step, "scheduler": self.scheduler.state_dict(), "data": self.batches.state_dict()}
 
     def save(self) -> str:
-        return checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, self.state_extra(),
-                               keep_last=self.cfg.checkpoint.keep_last)
+        path = checkpoint.step_dir(self.ckpt_root, self.step)
+        if self.saved_step != self.step:  # e.g. the final save right after an interval save
+            path = self.checkpointer.save(self.step, self.model, self.optimizer, self.state_extra())
+            self.saved_step = self.step
+        return path
 
     def maybe_resume(self) -> None:
-        path = self.cfg.checkpoint.load or checkpoint.latest(self.ckpt_root)
+        """Resume from the run's own `latest` (verified), else from checkpoint.load if set. A
+        model-only checkpoint (e.g. converted from Hugging Face) starts at step 0, fresh optimizer."""
+        path = self.checkpointer.resume_path(self.cfg.checkpoint.load)
         if path:
-            extra = checkpoint.load(path, self.model, self.optimizer, self.state_extra())
+            extra = self.checkpointer.load(path, self.model, self.optimizer, self.state_extra())
+            if extra is None:
+                if dist.get_rank() == 0:
+                    log.info("loaded model weights from %s (model-only): step 0, fresh optimizer", path)
+                return
             self.step = extra["step"]
             self.scheduler.load_state_dict(extra["scheduler"])
             self.batches.load_state_dict(extra["data"])
@@ -104,10 +144,15 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------
     def forward_backward(self, batch: dict) -> torch.Tensor:
         """Summed cross-entropy of one micro-batch; backward of its share of the mean loss."""
-        tokens = batch["input_ids"].to(self.device)
-        labels = batch["labels"].to(self.device)
-        logits = self.model(tokens, document_ids=batch["document_ids"].to(self.device))  # (B, T, V)
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+        # context parallel: keep this rank's chunks i and 2cp-1-i of each row (T/cp tokens) and their
+        # global positions for RoPE (parallel/context.py); unchanged, positions None, when cp == 1
+        batch = cp_shard_batch(batch, self.mesh)
+        positions = batch["positions"].to(self.device) if "positions" in batch else None  # (T/cp,)
+        tokens = batch["input_ids"].to(self.device)  # (B, T/cp)
+        labels = batch["labels"].to(self.device)  # (B, T/cp)
+        logits = self.model(tokens, positions=positions, document_ids=batch["document_ids"].to(self.device))
+        loss_sum = self.loss_fn(logits, labels)
+        # the LOCAL token count: FSDP then averages gradients over dp x cp, which gives the global mean
         local_tokens = self.n_micro * labels.numel()
         (loss_sum / local_tokens).backward()
         return loss_sum.detach()
@@ -115,13 +160,23 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(self.n_micro):
-            loss_sum += self.forward_backward(self.batches.next_batch())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"),
-                                                   foreach=True)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if self.pipeline is not None:  # PP: the schedule runs every micro-batch through this rank's stages
+            loss_sum = self.pipeline.step([self.batches.next_batch() for _ in range(self.n_micro)], self.cfg.run.dir)
+        else:
+            for _ in range(self.n_micro):
+                loss_sum += self.forward_backward(self.batches.next_batch())
+        # global norm: DTensor shards reduced over dp/tp, squared norms summed over pp
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"), self.mesh)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        # a non-finite loss or gradient norm on any rank: every rank drops this step's gradients
+        skip = torch.tensor(float(not (torch.isfinite(grad_norm).all() and torch.isfinite(loss_sum).all())),
+                            device=self.device)
+        dist.all_reduce(skip, op=dist.ReduceOp.MAX)
+        if skip.item():
+            self.skipped_steps, self.skipped_in_a_row = self.skipped_steps + 1, self.skipped_in_a_row + 1
+        else:
+            self.optimizer.step()
+            self.skipped_in_a_row = 0
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -144,17 +199,28 @@ class Trainer:
                    desc="train", unit="step", dynamic_ncols=True)
         while self.step < cfg.train.steps:
             values = self.train_step()
+            values["skipped_steps"] = self.skipped_steps
+            if self.skipped_in_a_row >= cfg.train.max_skipped_steps:
+                message = (f"stopping at step {self.step}: {self.skipped_in_a_row} steps in a row had a non-finite "
+                           f"loss or gradient norm (train.max_skipped_steps={cfg.train.max_skipped_steps}); "
+                           f"lower train.lr or resume from an earlier checkpoint")
+                if rank0:
+                    log.error(message)
+                    print(f"gigatron: {message}", file=sys.stderr)
+                self.checkpointer.wait()
+                return NON_FINITE_EXIT_CODE
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:,.0f}")
             if rank0:
                 writer.write(self.step, values)
                 if self.step % cfg.run.log_every == 0:
                     bar.write(format_step(self.step, cfg.train.steps, values))
-            requested = torch.tensor(float(os.path.exists(request)))
+            requested = torch.tensor(float(os.path.exists(request) or self.stop_signal is not None))
             dist.all_reduce(requested, op=dist.ReduceOp.MAX)  # every rank must agree to stop
             if requested.item():
                 path = self.save()
-                if rank0:
+                self.checkpointer.wait()
+                if rank0 and os.path.exists(request):
                     os.remove(request)
                     log.info("checkpoint requested: saved %s, exiting for requeue", path)
                 return REQUEUE_EXIT_CODE
@@ -162,6 +228,7 @@ class Trainer:
                 self.save()
         bar.close()
         path = self.save()
+        self.checkpointer.wait()
         if rank0:
             writer.close()
             log.info("finished %d steps; checkpoint %s", self.step, path)

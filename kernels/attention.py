@@ -3,8 +3,9 @@ dispatchers and `merge_partials`, over two backends with identical semantics:
 
 - "triton": `attention_triton.py`, fused flash-attention kernels (GPU; CPU under TRITON_INTERPRET=1).
 - "torch":  `attention_reference.py`, pure PyTorch (the CPU training path and the ground truth).
-- "auto":   triton for CUDA tensors when triton is importable, and for CPU tensors when TRITON_INTERPRET=1
-            is also set; torch otherwise. Each distinct choice is logged once on "gigatron.kernels".
+- "auto":   triton for CUDA tensors when triton is importable, torch otherwise (CPU tensors run the
+            Triton kernels only when backend="triton" is named and TRITON_INTERPRET=1 is set). Each
+            distinct choice is logged once on "gigatron.kernels".
 
 Shapes: q (B, H, T, D); k, v (B, Hkv, S, D), H % Hkv == 0; out (B, H, T, D); lse (B, H, T) fp32.
 Mask: key j is visible to query i iff (not causal or kv_positions[j] <= q_positions[i]) and
@@ -56,10 +57,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         choice, reason = "torch", "triton is not importable"
     elif device.type == "cuda":
         choice, reason = "triton", "CUDA tensors and triton is importable"
-    elif interpret_mode():
-        choice, reason = "triton", f"TRITON_INTERPRET=1 is set ({device.type} tensors run in the triton interpreter)"
-    else:
-        choice, reason = "torch", f"{device.type} tensors and TRITON_INTERPRET is not set"
+    else:  # the interpreter is a test vehicle (~100-300x slower): CPU runs take it only when asked by name
+        choice, reason = "torch", f"{device.type} tensors (backend='triton' runs the kernels in the interpreter)"
     if (choice, reason) not in _logged:
         _logged.add((choice, reason))
         logger.info("attention backend %r -> %r: %s", backend, choice, reason)

@@ -8,6 +8,13 @@ FSDP2 runs HSDP: shard inside a group, all-reduce across groups.
 Context-parallel ranks hold the same parameters but different tokens, so their gradients must be
 averaged too: FSDP shards over the flattened (dp_shard, cp) mesh "fsdp_shard".
 
+With tensor parallel, FSDP2 shards the tp-local part of each DTensor parameter again on dim 0:
+2-D (fsdp_shard, tp) parameters, placed (_StridedShard(0), Shard(d)) when both split dim 0. Input:
+the parameters' tp placements are untouched; gradients that DTensor leaves Partial over tp (norm
+weights under sequence parallel, replicated KV heads) are all-reduced over tp by FSDP2 before its
+reduce-scatter. Tested against one process in tests/parallel/test_tensor_parallel.py (dp, tp x dp,
+HSDP 2x2 and tp x HSDP).
+
 Collectives (issued inside FSDP2, per block): forward all-gather of the block's shards; backward
 reduce-scatter of its gradients (and all-reduce across dp_replicate under HSDP).
 """

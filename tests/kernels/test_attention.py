@@ -233,20 +233,17 @@ def test_merge_partials_and_blockwise_backward(backend):
 def test_auto_backend_choice_logged_once(caplog, monkeypatch):
     attn_mod._logged.clear()
     q, k, v, _, kw = _case("causal")
-    want = "triton" if triton_available() else "torch"
+    want = "triton" if triton_available() and DEVICE == "cuda" else "torch"
     with caplog.at_level(logging.INFO, logger="gigatron.kernels"):
         for _ in range(2):
             attention(q, k, v, backend="auto", **kw)
     records = [r for r in caplog.records if r.name == "gigatron.kernels"]
     assert len(records) == 1, [r.getMessage() for r in records]
     assert f"-> '{want}'" in records[0].getMessage()
-    if want == "triton" and DEVICE == "cpu":
-        assert "TRITON_INTERPRET" in records[0].getMessage()
     # The decision table, without running kernels.
     monkeypatch.setattr(attn_mod, "triton_available", lambda: True)
     assert attn_mod.resolve_backend("auto", torch.device("cuda")) == "triton"
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert attn_mod.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert attn_mod.resolve_backend("auto", torch.device("cpu")) == "torch"  # even with TRITON_INTERPRET=1
     monkeypatch.setattr(attn_mod, "triton_available", lambda: False)
     assert attn_mod.resolve_backend("auto", torch.device("cuda")) == "torch"
     with pytest.raises(RuntimeError):

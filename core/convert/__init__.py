@@ -1,0 +1,1 @@
+"""Checkpoint conversion (`gigatron convert`). Nothing here is imported by training."""

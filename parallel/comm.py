@@ -1,0 +1,263 @@
+"""Communication: the few collectives gigatron issues itself, and a recorder of every collective.
+
+Recorder. `CommRecorder(mesh)` is a context manager that logs each collective run while it is
+active: kind (all_gather, reduce_scatter, all_reduce, all_to_all, broadcast, send, recv), the mesh
+dimension whose process group carried it (a group name is mapped to a mesh dimension name such as
+"tp", "fsdp_shard", "dp_replicate"), the bytes, and the count. It is a `TorchDispatchMode` that sees
+- DTensor's functional collectives (`torch.ops._c10d_functional.*`): it returns NotImplemented for
+  DTensor arguments, so DTensor desugars into local ops and collectives first, then the mode sees
+  those (as torch's CommDebugMode does);
+- torch.distributed's eager collectives (`torch.ops.c10d.*`), which FSDP2 issues
+  (all_gather_single / reduce_scatter_single / all_reduce in _fsdp_collectives.py).
+When no recorder is active nothing is installed: the cost is zero.
+
+Bytes convention: the size of the whole buffer a collective spans, i.e. the gathered output of an
+all-gather, the unreduced input of a reduce-scatter, the tensor of an all-reduce, the input of an
+all-to-all. A ring moves (W-1)/W of it per rank. `analytic_bytes` gives the expected figures.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# mesh names in priority order: when two names share one group (a flattened mesh of one
+# non-trivial dimension), the first wins
+MESH_NAMES = ("tp", "cp", "pp", "fsdp_shard", "dp_replicate", "dp_shard", "batch", "loss")
+
+_f = torch.ops._c10d_functional
+_c = torch.ops.c10d
+# op packet -> (kind, index of the tensor whose size counts, multiply by group size?)
+_FUNCTIONAL = {
+    _f.all_gather_into_tensor: ("all_gather", 0, True),
+    _f.reduce_scatter_tensor: ("reduce_scatter", 0, False),
+    _f.all_reduce: ("all_reduce", 0, False),
+    _f.all_reduce_: ("all_reduce", 0, False),
+    _f.all_to_all_single: ("all_to_all", 0, False),
+    _f.broadcast: ("broadcast", 0, False),
+}
+_EAGER = {
+    _c._allgather_base_: ("all_gather", 0),
+    _c.allgather_into_tensor_coalesced_: ("all_gather", 0),
+    _c._reduce_scatter_base_: ("reduce_scatter", 1),
+    _c.reduce_scatter_tensor_coalesced_: ("reduce_scatter", 1),
+    _c.allreduce_: ("all_reduce", 0),
+    _c.allreduce_coalesced_: ("all_reduce", 0),
+    _c.alltoall_base_: ("all_to_all", 1),
+    _c.broadcast_: ("broadcast", 0),
+    _c.send: ("send", 0),
+    _c.recv_: ("recv", 0),
+}
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x)
+    return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+
+
+def group_names(mesh: DeviceMesh) -> dict:
+    """process-group name -> mesh dimension name, for every named (and flattened) dimension; also
+    keyed by the group's set of global ranks, since DTensor may run a collective on an equal group
+    of an earlier mesh with the same layout (its caches compare meshes by layout)."""
+    names: dict = {}
+    for name in MESH_NAMES:
+        try:
+            group = mesh[name].get_group()
+        except (KeyError, RuntimeError, ValueError):
+            continue
+        names.setdefault(group.group_name, name)
+        names.setdefault(frozenset(dist.get_process_group_ranks(group)), name)
+    return names
+
+
+def _process_group_name(args) -> str | None:
+    """The group of an eager c10d op: its ProcessGroup arrives boxed as a ScriptObject."""
+    for a in args:
+        if isinstance(a, torch.ScriptObject):
+            try:
+                return dist.ProcessGroup.unbox(a).group_name
+            except RuntimeError:  # a boxed ReduceOp, not a group
+                continue
+    return None
+
+
+class CommRecorder(TorchDispatchMode):
+    """`with CommRecorder(mesh) as rec: ...` then `rec.totals()` -> {(dim, kind): [count, bytes]}."""
+
+    def __init__(self, mesh: DeviceMesh | None = None):
+        super().__init__()
+        self.groups = group_names(mesh) if mesh is not None else {}
+        self.records: list[tuple[str, str, int]] = []  # (dim, kind, bytes)
+
+    def _dim(self, name: str | None) -> str:
+        world = dist.distributed_c10d._get_default_group().group_name if dist.is_initialized() else None
+        name = world if name is None else name
+        if name not in self.groups and name != world:
+            try:
+                ranks = frozenset(dist.get_process_group_ranks(dist.distributed_c10d._resolve_process_group(name)))
+                self.groups[name] = self.groups.get(ranks, str(name))
+            except (RuntimeError, ValueError, KeyError):
+                self.groups[name] = str(name)
+        return self.groups.get(name, "world" if name == world else str(name))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # let DTensor desugar first; we see its local collectives
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        if packet in _FUNCTIONAL:
+            kind, idx, times_group = _FUNCTIONAL[packet]
+            group = args[-1] if isinstance(args[-1], str) else kwargs.get("group_name")
+            size = _nbytes(args[idx]) * (args[1] if times_group else 1)
+            self.records.append((self._dim(group), kind, size))
+        elif packet in _EAGER:
+            kind, idx = _EAGER[packet]
+            self.records.append((self._dim(_process_group_name(args)), kind, _nbytes(args[idx])))
+        return func(*args, **kwargs)
+
+    def totals(self) -> dict[tuple[str, str], list[int]]:
+        out: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for dim, kind, size in self.records:
+            out[(dim, kind)][0] += 1
+            out[(dim, kind)][1] += size
+        return dict(out)
+
+    def bytes_by(self, dims: tuple[str, ...] | None = None) -> dict[tuple[str, str], int]:
+        return {key: v[1] for key, v in self.totals().items() if dims is None or key[0] in dims}
+
+
+# -- the collectives gigatron issues itself ------------------------------------------------------
+
+def all_reduce(x: torch.Tensor, mesh: DeviceMesh, dim: str, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over mesh[dim]; a no-op when that dimension has size 1. Not autograd-aware:
+    callers (the vocabulary-parallel loss) write their own backward."""
+    if mesh[dim].size() > 1:
+        dist.all_reduce(x, op=op, group=mesh[dim].get_group())
+    return x
+
+
+def all_gather_dim0(x: torch.Tensor, mesh: DeviceMesh, dim: str) -> torch.Tensor:
+    """(n, ...) -> (W*n, ...) over mesh[dim], rank-ordered along dim 0 (the flat layout gloo needs).
+    Conjugate pair: forward all-gather, backward `reduce_scatter_dim0`. Not autograd-aware (context
+    parallelism wraps the pair in its own autograd Function). Returns x when the dimension has size 1."""
+    W = mesh[dim].size()
+    if W == 1:
+        return x
+    out = x.new_empty((W * x.shape[0], *x.shape[1:]))
+    dist.all_gather_single(out, x.contiguous(), group=mesh[dim].get_group())
+    return out
+
+
+def reduce_scatter_dim0(x: torch.Tensor, mesh: DeviceMesh, dim: str) -> torch.Tensor:
+    """(W*n, ...) -> (n, ...) summed over mesh[dim]: rank r keeps rows [r*n, (r+1)*n). The conjugate
+    (backward) of `all_gather_dim0`. Returns x when the dimension has size 1."""
+    W = mesh[dim].size()
+    if W == 1:
+        return x
+    out = x.new_empty((x.shape[0] // W, *x.shape[1:]))
+    dist.reduce_scatter_single(out, x.contiguous(), group=mesh[dim].get_group())
+    return out
+
+
+def ring_shift(x: torch.Tensor, mesh: DeviceMesh, dim: str, tag: int = 0) -> tuple[torch.Tensor, list]:
+    """Asynchronous P2P on the mesh[dim] ring: send x to rank r+1, receive the same shape from r-1.
+    Returns (receive buffer, works); call `w.wait()` on every work before reading the buffer. Its own
+    conjugate: a ring pass in backward shifts gradients the same way (context-parallel ring attention).
+    Distinct tags keep two shifts in flight at once apart (with W = 2 both go to the same peer)."""
+    m = mesh[dim]
+    W, r, group = m.size(), m.get_local_rank(), m.get_group()
+    x = x.contiguous()
+    recv = torch.empty_like(x)
+    ops = [dist.P2POp(dist.isend, x, group=group, group_peer=(r + 1) % W, tag=tag),
+           dist.P2POp(dist.irecv, recv, group=group, group_peer=(r - 1) % W, tag=tag)]
+    return recv, dist.batch_isend_irecv(ops)
+
+
+# -- expected traffic ----------------------------------------------------------------------------
+
+def analytic_bytes(cfg, local_param_shapes: list[list[tuple[int, ...]]] | None = None,
+                   element_size: int = 4) -> dict[tuple[str, str], int]:
+    """Expected bytes of one micro-batch forward + backward, per (mesh dim, kind).
+
+    Tensor + sequence parallel (tp > 1, sequence_parallel), activation a = B*T*dim elements:
+      per block, forward: all-gather a before attention and before the MLP (column-parallel inputs),
+      reduce-scatter a after wo and after w2 (row-parallel outputs); backward: the conjugates, so
+      per block 4 all-gathers and 4 reduce-scatters of a in all;
+      embedding (vocab-parallel, row-wise): reduce-scatter a forward, all-gather a backward;
+      output (column-parallel on Shard(1) input): all-gather a forward, reduce-scatter a backward;
+      vocabulary-parallel loss: 3 all-reduces of B*T fp32 (max, sum of exp, target logit) forward;
+      RMSNorm weights (2 per block + the final one) see T/tp tokens: their gradients, partial sums
+      over tp, are all-reduced in backward (by FSDP2's redistribution, or DTensor's without FSDP).
+    KV heads replicated (n_kv_heads < tp): + per block an all-reduce of the wk and wv gradients.
+    FSDP (fsdp_shard = dp_shard*cp > 1): per FSDP unit, one all-gather of the dim-0-padded shards
+      forward and one reduce-scatter of the same size backward (reshard_after_forward=False);
+      `local_param_shapes` gives, per unit, the shapes of the tp-local parameters; HSDP adds an
+      all-reduce of the shard (padded size / dp_shard) over dp_replicate.
+    """
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    out: dict[tuple[str, str], int] = defaultdict(int)
+    if p.tp > 1:
+        a = t.micro_batch_size * (t.seq_len // p.cp) * m.dim * element_size
+        if p.sequence_parallel:
+            out[("tp", "all_gather")] += (4 * m.n_layers + 2) * a
+            out[("tp", "reduce_scatter")] += (4 * m.n_layers + 2) * a
+        else:  # column-parallel input grads and row-parallel outputs are all-reduced
+            out[("tp", "all_reduce")] += (4 * m.n_layers + 2) * a
+        out[("tp", "all_reduce")] += 3 * t.micro_batch_size * (t.seq_len // p.cp) * 4
+        if p.sequence_parallel:  # norm weights see T/tp tokens: their gradients are summed over tp
+            out[("tp", "all_reduce")] += (2 * m.n_layers + 1) * m.dim * element_size
+        if m.n_kv_heads < p.tp:
+            out[("tp", "all_reduce")] += m.n_layers * 2 * m.n_kv_heads * m.head_dim * m.dim * element_size
+    fsdp = p.dp // p.dp_replicate * p.cp
+    if local_param_shapes and p.dp * p.cp > 1:
+        for unit in local_param_shapes:
+            padded = sum(-(-s[0] // fsdp) * fsdp * _prod(s[1:]) for s in unit) * element_size
+            if fsdp > 1:
+                out[("fsdp_shard", "all_gather")] += padded
+                out[("fsdp_shard", "reduce_scatter")] += padded
+            if p.dp_replicate > 1:
+                if fsdp == 1:
+                    out[("dp_replicate", "all_gather")] += padded
+                out[("dp_replicate", "all_reduce")] += padded // fsdp
+    if p.cp > 1:  # context parallel attention, every layer (Llama is causal: "auto" means allgather)
+        kv_heads = max(1, m.n_kv_heads // p.tp)  # this tp rank's kv heads (one when replicated)
+        mode = "allgather" if p.cp_mode == "auto" else p.cp_mode
+        layer = cp_attention_bytes(mode, t.micro_batch_size, t.seq_len, kv_heads, m.head_dim, p.cp,
+                                   element_size, m.document_mask)
+        for key, size in layer.items():
+            out[key] += m.n_layers * size
+    return dict(out)
+
+
+def cp_attention_bytes(mode: str, batch: int, seq_len: int, kv_heads: int, head_dim: int, cp: int,
+                       element_size: int = 4, segment_ids: bool = True) -> dict[tuple[str, str], int]:
+    """Expected bytes on mesh "cp" of ONE context-parallel attention layer, forward + backward, per rank
+    (parallel/context.py, context_ring.py), without activation checkpointing (which repeats the forward).
+    kv = K and V of the whole sequence = 2*B*Hkv*T*D*element_size; ids = int64 positions (+ segment ids).
+      both modes: all-gather of the ids, T*(1 + B)*8 (T*8 without segment ids), forward;
+      allgather:  all-gather of kv forward, reduce-scatter of kv backward;
+      ring:       forward cp-1 hops of a kv block (kv/cp); backward cp-1 hops of kv blocks and cp hops
+                  of their fp32 dK/dV (kv/cp * 4/element_size): every hop is one send and one recv."""
+    kv = 2 * batch * kv_heads * seq_len * head_dim * element_size
+    out = {("cp", "all_gather"): seq_len * (1 + (batch if segment_ids else 0)) * 8}
+    if mode == "allgather":
+        out[("cp", "all_gather")] += kv
+        out[("cp", "reduce_scatter")] = kv
+    else:
+        hops = 2 * (cp - 1) * (kv // cp) + cp * (kv // cp) * 4 // element_size
+        out[("cp", "send")] = out[("cp", "recv")] = hops
+    return out
+
+
+def _prod(xs) -> int:
+    n = 1
+    for x in xs:
+        n *= x
+    return n

@@ -1,0 +1,158 @@
+"""Context parallelism over mesh["cp"]: every rank holds T/cp tokens of each sequence, and attention,
+the only op that mixes tokens, sees all T keys. Two ways (`parallel.cp_mode`, "auto" picks by mask):
+
+"allgather" (Llama 3 section 3.3.2; default for causal models). The sequence is cut into 2*cp chunks
+and cp rank i holds chunks i and 2*cp-1-i, so that under the causal mask every rank does the same
+work. Per attention layer:
+    placements  q (B, H, T/cp, D) Shard(T);  k, v (B, Hkv, T/cp, D) Shard(T) -> gathered Replicate
+    forward     all-gather of K and V together (one collective) over cp; local queries attend to all
+                T keys with their GLOBAL positions and document ids (gathered alongside, int64, no
+                gradient) through the kernel API, so document masks cross chunk boundaries freely
+    backward    reduce-scatter (sum) of dK, dV over cp: each rank's queries contributed to every key
+    output      (B, H, T/cp, D) Shard(T), in the rank's own token order
+With GQA the gathered K/V is n_kv_heads/n_heads of the activations (1/4 for Llama 3 8B-405B).
+
+"ring" (Movie Gen; default for bidirectional attention): see `context_ring.py`. K/V blocks circulate
+with asynchronous P2P overlapped with the local block's attention; partial outputs merge by LSE.
+
+Batch side: `cp_shard_batch` keeps rank i's two chunks of input_ids, labels and document_ids and
+adds "positions", the global positions of its tokens (T/cp,), identical for every row, so RoPE is
+that of the full sequence. The trainer divides the rank's summed loss by its LOCAL token count;
+FSDP averages gradients over dp_shard x cp ("fsdp_shard") and the metric is summed over dp x cp
+("loss"): sum_r grad(sum_r)/(N/cp) / (dp*cp) = grad(sum over all N*dp tokens)/(N*dp), the global mean.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from gigatron.kernels.attention import attention
+from gigatron.parallel.comm import all_gather_dim0, reduce_scatter_dim0
+
+__all__ = ["apply_cp", "cp_positions", "cp_shard_batch", "ContextParallelAttention", "AllGatherKV",
+           "gather_ids", "resolve_cp_mode", "kernel_backend"]
+
+log = logging.getLogger("gigatron")
+CP_DIM = "cp"
+
+
+# -- the batch side ------------------------------------------------------------------------------
+
+def cp_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
+    """Global positions (T/cp,) held by cp rank `rank`: chunks rank and 2*cp-1-rank of 2*cp."""
+    c = seq_len // (2 * cp)  # chunk length
+    first, second = rank * c, (2 * cp - 1 - rank) * c
+    return torch.cat([torch.arange(first, first + c, device=device),
+                      torch.arange(second, second + c, device=device)])  # (T/cp,)
+
+
+def cp_shard_batch(batch: dict, mesh: DeviceMesh) -> dict:
+    """This cp rank's part of a batch of (B, T) tensors, plus "positions" (T/cp,). Unchanged at cp 1.
+    Document ids keep their (per-row) values, so kv segment ids gathered from other ranks compare
+    correctly with the local ones."""
+    cp = mesh[CP_DIM].size()
+    if cp == 1:
+        return batch
+    rank = mesh[CP_DIM].get_local_rank()
+    out = {}
+    for key, x in batch.items():
+        B, T = x.shape[:2]
+        chunks = x.view(B, 2 * cp, T // (2 * cp), *x.shape[2:])  # (B, 2cp, T/2cp)
+        out[key] = chunks[:, [rank, 2 * cp - 1 - rank]].reshape(B, T // cp, *x.shape[2:])  # (B, T/cp)
+    T = next(iter(batch.values())).shape[1]
+    out["positions"] = cp_positions(T, cp, rank, device=next(iter(batch.values())).device)
+    return out
+
+
+# -- the collectives, as autograd Functions ------------------------------------------------------
+
+class AllGatherKV(torch.autograd.Function):
+    """k, v (B, Hkv, T/cp, D) Shard(T) -> (B, Hkv, T, D) Replicate, blocks in cp-rank order.
+    Forward: one all-gather of stack(k, v) over mesh["cp"]. Backward: one reduce-scatter (sum) of
+    stack(dk, dv): the gradient of a replicated input is the sum of every rank's contribution."""
+
+    @staticmethod
+    def forward(ctx, k, v, mesh):
+        ctx.mesh = mesh
+        kv = torch.stack([k, v]).permute(3, 0, 1, 2, 4)  # (T/cp, 2, B, Hkv, D): sequence first (flat layout)
+        kv = all_gather_dim0(kv, mesh, CP_DIM).permute(1, 2, 3, 0, 4)  # (2, B, Hkv, T, D)
+        return kv[0].contiguous(), kv[1].contiguous()
+
+    @staticmethod
+    def backward(ctx, dk, dv):
+        dkv = torch.stack([dk, dv]).permute(3, 0, 1, 2, 4)  # (T, 2, B, Hkv, D)
+        dkv = reduce_scatter_dim0(dkv, ctx.mesh, CP_DIM).permute(1, 2, 3, 0, 4)  # (2, B, Hkv, T/cp, D)
+        return dkv[0], dkv[1], None
+
+
+@torch.no_grad()
+def gather_ids(positions: torch.Tensor, segment_ids: torch.Tensor | None, mesh: DeviceMesh):
+    """Global kv positions (T,) and kv segment ids (B, T), in the order `AllGatherKV` gathers keys:
+    one all-gather over cp of (T/cp, 1 + B) int64, no gradient."""
+    ids = positions[:, None] if segment_ids is None else torch.cat([positions[:, None], segment_ids.T], 1)
+    ids = all_gather_dim0(ids.long(), mesh, CP_DIM)  # (T, 1 + B)
+    return ids[:, 0].contiguous(), None if segment_ids is None else ids[:, 1:].T.contiguous()
+
+
+# -- the module that replaces AttentionCore ------------------------------------------------------
+
+def kernel_backend(backend: str) -> str:
+    """CP needs the LSE-returning kernels: "sdpa" (the CPU default of AttentionCore) maps to "torch"."""
+    return "torch" if backend == "sdpa" else backend
+
+
+def resolve_cp_mode(mode: str, causal: bool) -> str:
+    if mode == "auto":
+        return "allgather" if causal else "ring"
+    if mode not in ("allgather", "ring"):
+        raise ValueError(f"parallel.cp_mode must be auto, allgather or ring; got {mode!r}")
+    return mode
+
+
+class ContextParallelAttention(nn.Module):
+    """Drop-in for `AttentionCore` (same forward signature, self-attention only) over mesh["cp"].
+
+    Inputs: q (B, H, T/cp, D), k, v (B, Hkv, T/cp, D), positions (T/cp,) global, segment_ids
+    (B, T/cp) or None, all local (Shard(T)). Output: (B, H, T/cp, D), Shard(T). Collectives per call:
+    one all-gather of the ids (both modes), then "allgather": all-gather K/V forward, reduce-scatter
+    dK/dV backward; "ring": cp-1 P2P hops of K/V forward, cp-1 of K/V and cp of dK/dV backward."""
+
+    def __init__(self, causal: bool, backend: str, mesh: DeviceMesh, mode: str = "auto"):
+        super().__init__()
+        self.causal, self.backend, self.mesh = causal, kernel_backend(backend), mesh
+        self.mode = resolve_cp_mode(mode, causal)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, mode={self.mode}, cp={self.mesh[CP_DIM].size()}, backend={self.backend}"
+
+    @torch.compiler.disable  # collectives inside autograd Functions: keep them out of compiled graphs
+    def forward(self, q, k, v, positions, segment_ids, kv_positions=None, kv_segment_ids=None):
+        if kv_positions is not None or kv_segment_ids is not None:
+            raise NotImplementedError("context parallelism shards self-attention only (kv ids come from the ranks)")
+        kv_positions, kv_segment_ids = gather_ids(positions, segment_ids, self.mesh)  # (T,), (B, T)
+        if self.mode == "ring":
+            from gigatron.parallel.context_ring import ring_attention
+
+            return ring_attention(q, k, v, positions, kv_positions, segment_ids, kv_segment_ids,
+                                  causal=self.causal, backend=self.backend, mesh=self.mesh)
+        k, v = AllGatherKV.apply(k, v, self.mesh)  # (B, Hkv, T, D) each
+        return attention(q, k, v, causal=self.causal, q_positions=positions, kv_positions=kv_positions,
+                         q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, backend=self.backend)
+
+
+def apply_cp(model: nn.Module, mesh: DeviceMesh, cfg) -> nn.Module:
+    """Replace every block's `attention.core` (an AttentionCore) by a ContextParallelAttention over
+    mesh["cp"], in place; parameter names are unchanged (the core has no parameters). A no-op at cp 1.
+    The batch must then be sharded with `cp_shard_batch` (the trainer and the pipeline do it)."""
+    if mesh[CP_DIM].size() == 1:
+        return model
+    for block in model.layers.values():
+        core = block.attention.core
+        block.attention.core = ContextParallelAttention(core.causal, core.backend, mesh, cfg.parallel.cp_mode)
+    if len(model.layers):
+        log.info("context parallel: %s", next(iter(model.layers.values())).attention.core.extra_repr())
+    return model

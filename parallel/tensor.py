@@ -1,0 +1,195 @@
+"""Tensor and sequence parallelism for the Llama block (Megatron-LM, Shoeybi et al. 2019; sequence
+parallel: Korthikanti et al. 2022), written as DTensor parallel styles, as torchtitan does.
+
+Why DTensor styles rather than hand-written collectives: parameters become DTensors with a global
+shape and placements, so FSDP2 composes on top (2-D (dp, tp) layouts, `_StridedShard`), DCP saves
+the global layout and reshards a checkpoint across tp/dp changes for free, and state_dict keys and
+shapes stay those of the single-device model (the vocabulary keeps its true size even when tp does
+not divide it: DTensor shards it unevenly, torch.chunk style, so no padding row ever exists).
+
+The plan, per block (SP = sequence_parallel; "a" = activation (B, T, dim), T/tp under SP):
+| module              | style                    | input -> output placements | fwd / bwd collective      |
+| attention_norm      | SequenceParallel         | Shard(1) -> Shard(1)        | - / -                     |
+| attention (input)   | PrepareModuleInput       | Shard(1) -> Replicate       | all-gather / reduce-scatter |
+| wq, wk, wv          | ColwiseParallel          | Replicate -> Shard(-1)      | - / (summed as Partial)   |
+| wk, wv (Hkv < tp)   | ReplicatedKV             | Replicate -> local kv head  | - / all-reduce of weight grad |
+| wo                  | RowwiseParallel          | Shard(-1) -> Shard(1)       | reduce-scatter / all-gather |
+| ffn_norm            | SequenceParallel         | Shard(1) -> Shard(1)        | - / -                     |
+| feed_forward (input)| PrepareModuleInput       | Shard(1) -> Replicate       | all-gather / reduce-scatter |
+| w1, w3              | ColwiseParallel          | Replicate -> Shard(-1)      | - / -                     |
+| w2                  | RowwiseParallel          | Shard(-1) -> Shard(1)       | reduce-scatter / all-gather |
+and for the whole model:
+| tok_embeddings      | RowwiseParallel (vocab)  | Replicate ids -> Shard(1)   | reduce-scatter / all-gather |
+| norm                | SequenceParallel         | Shard(1) -> Shard(1)        | - / -                     |
+| output              | ColwiseParallel (vocab)  | Shard(1) -> Shard(-1) logits| all-gather / reduce-scatter |
+| loss                | vocab_parallel_cross_entropy | Shard(-1) logits -> scalar | 3 all-reduces of (B*T,) / - |
+Without SP, Shard(1) reads Replicate, the norms are replicated (`ReplicateParallel`), and the
+row-parallel outputs and the column-parallel input gradients are all-reduced instead.
+
+RoPE stays global under SP: the model computes cos/sin from `positions` on the (B, T) token ids,
+before the embedding shards the sequence, and attention sees all T tokens after its all-gather.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
+from torch.distributed.tensor.parallel.style import ParallelStyle
+
+from gigatron.kernels.cross_entropy import cross_entropy_sum
+from gigatron.parallel.comm import all_reduce
+
+
+class ReplicateParallel(ParallelStyle):
+    """Parameters replicated over tp (Replicate DTensors), plain tensors in and out: the norms when
+    sequence parallel is off, so that every parameter is a DTensor on the same tp mesh (gradient
+    clipping and FSDP then see one layout). Identical inputs on every rank: no collective."""
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        def input_fn(mod, inputs, mesh):
+            return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+                         if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x for x in inputs)
+
+        return distribute_module(module, mesh, None, input_fn, lambda mod, out, mesh: out.to_local())
+
+
+class ReplicatedKV(ParallelStyle):
+    """wk / wv when n_kv_heads < tp: the weight is replicated (Replicate DTensor), every rank computes
+    all Hkv heads from the gathered input (Replicate, (B, T, dim)) and keeps the one kv head its query
+    heads use: rank r holds queries [r*H/tp, (r+1)*H/tp), which read kv head r // (tp/Hkv).
+    Output: a local (B, T, D) tensor. Backward: the sliced gradient is a Partial sum over tp, so the
+    weight gradient is all-reduced over tp (`grad_to_param_layout`)."""
+
+    def __init__(self, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        kv_head = mesh.get_local_rank() // (mesh.size() // self.n_kv_heads)
+        D = self.head_dim
+
+        def input_fn(mod, inputs, mesh):
+            x = inputs[0]
+            return (x if isinstance(x, DTensor) else DTensor.from_local(x, mesh, [Replicate()], run_check=False),)
+
+        def output_fn(mod, out, mesh):
+            local = out.to_local(grad_placements=[Partial()])  # (B, T, Hkv*D), same on all tp ranks
+            return local[..., kv_head * D:(kv_head + 1) * D]  # (B, T, D): this rank's kv head
+
+        return distribute_module(module, mesh, None, input_fn, output_fn)
+
+
+def block_plan(cfg) -> dict[str, ParallelStyle]:
+    """The tensor-parallel plan of one transformer block, as a literal table."""
+    m, sp = cfg.model, cfg.parallel.sequence_parallel
+    seq = Shard(1) if sp else Replicate()  # placement of the residual stream
+    norm = SequenceParallel() if sp else ReplicateParallel()
+    if m.n_kv_heads >= cfg.parallel.tp:
+        kv = ColwiseParallel()
+    else:
+        kv = ReplicatedKV(m.n_kv_heads, m.head_dim)
+    return {
+        "attention_norm": norm,
+        "attention": PrepareModuleInput(input_layouts=(seq, None, None, None, None),
+                                        desired_input_layouts=(Replicate(), None, None, None, None),
+                                        use_local_output=False),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": kv,
+        "attention.wv": kv,
+        "attention.wo": RowwiseParallel(output_layouts=seq),
+        "ffn_norm": norm,
+        "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
+                                           use_local_output=False),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=seq),
+    }
+
+
+def model_plan(cfg) -> dict[str, ParallelStyle]:
+    """Vocabulary-parallel embedding and output; the logits stay sharded on V for the loss."""
+    sp = cfg.parallel.sequence_parallel
+    seq = Shard(1) if sp else Replicate()
+    return {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+        "norm": SequenceParallel() if sp else ReplicateParallel(),
+        "output": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False),
+    }
+
+
+def apply_tp(model: nn.Module, mesh: DeviceMesh, cfg) -> nn.Module:
+    """Parallelize `model` over mesh["tp"] in place. `cfg` is the whole Config (model + parallel).
+    Pipeline stages may have dropped tok_embeddings / norm / output (None): those are skipped."""
+    tp_mesh = mesh["tp"]
+    if tp_mesh.size() == 1:
+        return model
+    top = {k: v for k, v in model_plan(cfg).items() if getattr(model, k, None) is not None}
+    parallelize_module(model, tp_mesh, top)
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, block_plan(cfg))
+    return model
+
+
+def grad_to_param_layout(param: torch.Tensor) -> None:
+    """Make `param`'s gradient arrive in the parameter's own placements, in backward. DTensor leaves
+    a replicated parameter whose inputs were sharded (norms under SP: T/tp tokens; replicated KV
+    heads: one head's slice) with a Partial gradient -> all-reduce over tp, once; and the vocab-
+    parallel embedding with a Replicate gradient -> keep the local rows (no collective). Called on
+    the materialised parameters (`to_empty` drops hooks), by parallelize.place_shard. Under FSDP2 the
+    hook never fires (FSDP sets the sharded gradients itself, after the same redistribution)."""
+    if isinstance(param, DTensor) and param.requires_grad:
+        placements = param.placements
+        param.register_hook(lambda g: g.redistribute(placements=placements) if g.placements != placements else g)
+
+
+# -- the vocabulary-parallel loss -----------------------------------------------------------------
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of logits sharded on V over tp, without gathering them.
+    logits (N, V/tp) fp32 local shard starting at column `offset`; labels (N,) global ids.
+    Forward: all-reduce max, all-reduce sum of exp, all-reduce the target logit (each (N,) fp32).
+    Backward: softmax - one_hot on the local columns, no collective."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, offset, mesh):
+        N, V_local = logits.shape
+        logits_max = logits.max(dim=-1).values.detach()  # (N,)
+        all_reduce(logits_max, mesh, "tp", torch.distributed.ReduceOp.MAX)
+        shifted = logits - logits_max[:, None]  # (N, V/tp)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)  # (N,)
+        all_reduce(sum_exp, mesh, "tp")
+        in_shard = (labels >= offset) & (labels < offset + V_local)  # (N,)
+        local_label = (labels - offset).clamp(0, max(V_local - 1, 0))
+        target = shifted.gather(1, local_label[:, None]).squeeze(1) * in_shard  # (N,)
+        all_reduce(target, mesh, "tp")
+        ctx.save_for_backward(exp.div_(sum_exp[:, None]), local_label, in_shard)
+        return sum_exp.log() - target
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local_label, in_shard = ctx.saved_tensors
+        grad_logits = softmax.clone()
+        grad_logits[torch.arange(len(local_label), device=grad.device), local_label] -= in_shard.to(softmax.dtype)
+        return grad_logits * grad[:, None], None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """Summed cross-entropy. logits (B, T, V): a DTensor sharded on V (evenly or not) over mesh["tp"],
+    or a plain tensor (tp=1). labels (B, T) global ids. Returns a plain fp32 scalar, the same on all
+    tp ranks; its backward needs no context manager (pipeline schedules call backward elsewhere)."""
+    if not isinstance(logits, DTensor):
+        return cross_entropy_sum(logits.flatten(0, 1), labels.flatten())  # fused, no (N, V) temporaries
+    _, offset = compute_local_shape_and_global_offset(logits.shape, logits.device_mesh, logits.placements)
+    local = logits.to_local().flatten(0, 1).float()  # (B*T, V/tp)
+    return _VocabParallelCrossEntropy.apply(local, labels.flatten(), offset[-1], mesh).sum()
+
+
+def build_loss_fn(mesh: DeviceMesh):
+    """loss_fn(logits, labels) -> summed cross-entropy; vocabulary-parallel when logits are sharded."""
+    return lambda logits, labels: vocab_parallel_cross_entropy(logits, labels, mesh)
