@@ -12,6 +12,20 @@ Mask: key j is visible to query i iff (not causal or kv_positions[j] <= q_positi
 (no segment ids or q_segment_ids[b, i] == kv_segment_ids[b, j]). A query that sees no key gets out = 0,
 lse = -inf and zero gradients.
 
+Kernel variants (triton backend; `attention_triton.plan_mask`). Causal attention whose positions are
+None or contiguous ranges (q0 + i, k0 + j) takes the diagonal fast path: loop bounds stop at the
+diagonal (offset q0 - k0), positions are never loaded. Other explicit positions take the data-driven
+path (positions loaded, per-tile skip test). `positions_hint` says how to decide:
+  "auto"     (default) check whether given positions are ranges: one host sync per positions tensor,
+             cached by tensor identity / version, so a step with one shared positions tensor pays one;
+  "default"  the caller guarantees positions are arange(T) / arange(S): fast path, no check, no sync
+             (the engine's single-device self-attention: positions = arange(T));
+  "explicit" always the data-driven path.
+deterministic=True (the engine drives it from config for bitwise resume): no autotune; one fixed,
+documented block config per (head dim, dtype) (`attention_triton_kernels.DETERMINISTIC_CONFIGS`),
+so the accumulation order is the same in every run and process. The torch backend is deterministic
+for fixed shapes regardless.
+
 Merging partial attentions (context parallelism). If keys are split into disjoint sets A and B and
 (out_a, lse_a), (out_b, lse_b) are attention over each set alone, then the attention over A u B is
 
@@ -31,7 +45,8 @@ import logging
 import torch
 
 from .attention_reference import attention_backward_reference, attention_forward_reference
-from .attention_triton import attention_backward_triton, attention_forward_triton, interpret_mode, triton_available
+from .attention_triton import (POSITION_HINTS, attention_backward_triton, attention_forward_triton, interpret_mode,
+                               triton_available)
 
 __all__ = ["AttentionFunction", "attention", "attention_forward", "attention_backward", "merge_partials",
            "resolve_backend"]
@@ -65,24 +80,48 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return choice
 
 
+def _reference_forward(q, k, v, *, positions_hint="auto", deterministic=False, **kw):
+    _drop_default_positions(positions_hint, kw)
+    return attention_forward_reference(q, k, v, **kw)
+
+
+def _reference_backward(dout, q, k, v, out, lse, *, positions_hint="auto", deterministic=False, **kw):
+    _drop_default_positions(positions_hint, kw)
+    return attention_backward_reference(dout, q, k, v, out, lse, **kw)
+
+
+def _drop_default_positions(positions_hint, kw):
+    """The reference computes the same mask whatever the hint (it is a kernel-selection hint); with
+    "default" the caller vouches that positions are the default aranges, so they are not even read.
+    The reference is deterministic for fixed shapes, so `deterministic` changes nothing there."""
+    if positions_hint not in POSITION_HINTS:
+        raise ValueError(f"positions_hint must be one of {POSITION_HINTS}, got {positions_hint!r}")
+    if positions_hint == "default":
+        kw["q_positions"] = kw["kv_positions"] = None
+
+
+_FORWARD = {"triton": attention_forward_triton, "torch": _reference_forward}
+_BACKWARD = {"triton": attention_backward_triton, "torch": _reference_backward}
+
+
 def attention_forward(q, k, v, *, causal=True, q_positions=None, kv_positions=None, q_segment_ids=None,
-                      kv_segment_ids=None, scale=None, backend="auto"):
-    """Non-differentiable forward: return (out, lse). Use per key block, then `merge_partials`."""
+                      kv_segment_ids=None, scale=None, backend="auto", positions_hint="auto", deterministic=False):
+    """Non-differentiable forward: return (out, lse). Use per key block, then `merge_partials`.
+    positions_hint / deterministic: see the module docstring."""
     fn = _FORWARD[resolve_backend(backend, q.device)]
     return fn(q, k, v, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
-              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale)
+              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
+              positions_hint=positions_hint, deterministic=deterministic)
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=True, q_positions=None, kv_positions=None,
-                       q_segment_ids=None, kv_segment_ids=None, scale=None, backend="auto"):
+                       q_segment_ids=None, kv_segment_ids=None, scale=None, backend="auto", positions_hint="auto",
+                       deterministic=False):
     """Return (dq, dk, dv) for the keys k / v given (possibly global, merged) out and lse."""
     fn = _BACKWARD[resolve_backend(backend, q.device)]
     return fn(dout, q, k, v, out, lse, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
-              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale)
-
-
-_FORWARD = {"triton": attention_forward_triton, "torch": attention_forward_reference}
-_BACKWARD = {"triton": attention_backward_triton, "torch": attention_backward_reference}
+              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
+              positions_hint=positions_hint, deterministic=deterministic)
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):
@@ -104,12 +143,15 @@ class AttentionFunction(torch.autograd.Function):
     """Autograd wrapper: forward saves q, k, v, out, lse; backward calls `attention_backward`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale, backend):
+    def forward(ctx, q, k, v, causal, q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale, backend,
+                positions_hint="auto", deterministic=False):
         backend = resolve_backend(backend, q.device)
         out, lse = _FORWARD[backend](q, k, v, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
-                                     q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale)
+                                     q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
+                                     positions_hint=positions_hint, deterministic=deterministic)
         ctx.save_for_backward(q, k, v, out, lse, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
         ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+        ctx.positions_hint, ctx.deterministic = positions_hint, deterministic
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -119,14 +161,17 @@ class AttentionFunction(torch.autograd.Function):
         dq, dk, dv = _BACKWARD[ctx.backend](dout.contiguous(), q, k, v, out, lse, causal=ctx.causal,
                                             q_positions=q_positions, kv_positions=kv_positions,
                                             q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                                            scale=ctx.scale)
-        return dq, dk, dv, None, None, None, None, None, None, None
+                                            scale=ctx.scale, positions_hint=ctx.positions_hint,
+                                            deterministic=ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 def attention(q, k, v, *, causal=True, q_positions=None, kv_positions=None, q_segment_ids=None,
-              kv_segment_ids=None, scale=None, backend="auto", return_lse=False):
+              kv_segment_ids=None, scale=None, backend="auto", return_lse=False, positions_hint="auto",
+              deterministic=False):
     """softmax(scale * q k^T + mask) v with autograd through q, k, v. Returns out, or (out, lse) when
-    return_lse (lse carries no gradient). See the module docstring for shapes and masking."""
+    return_lse (lse carries no gradient). See the module docstring for shapes, masking, positions_hint
+    and deterministic."""
     out, lse = AttentionFunction.apply(q, k, v, causal, q_positions, kv_positions, q_segment_ids,
-                                       kv_segment_ids, scale, backend)
+                                       kv_segment_ids, scale, backend, positions_hint, deterministic)
     return (out, lse) if return_lse else out

@@ -27,8 +27,10 @@ Backward (FlashAttention-2 split, no atomics, deterministic):
 Masking is data driven (positions / segment ids are loaded), so causal, document masks, GQA, ragged
 tails and non-monotonic global positions (context parallelism) share one code path. Tiles that hold no
 visible pair are not computed:
-  DIAG_BOUND (causal with default positions): loop bounds stop at the diagonal, no branches, so the
-      compiler can software-pipeline the K/V (Q/dO) loads.
+  DIAG_BOUND (causal, positions absent or contiguous ranges q0 + i, k0 + j: the launcher checks this
+      and passes DIAG_OFF = q0 - k0): key j is visible to query i iff j <= i + DIAG_OFF, so the loop
+      bounds stop at the diagonal, no branches, and the compiler can software-pipeline the K/V (Q/dO)
+      loads. Positions are then not loaded at all.
   SKIP_EMPTY (explicit positions or segment ids): positions need not be sorted (zig-zag context
       parallelism), so a run-time test per tile (`_tile_may_see`, from 1-D min / max of positions and
       segment ids) skips tiles that cannot hold a visible pair; the exact mask is applied inside.
@@ -59,6 +61,12 @@ def _autotune(configs, key):
     return triton.autotune(configs=configs, key=key)
 
 
+def make_autotuned(fn, configs, key=None):
+    """`triton.autotune` wrapper of a raw kernel (used on GPU; tests build it under the interpreter
+    to check that every key names a kernel argument, without running it)."""
+    return triton.autotune(configs=configs, key=_KEY if key is None else key)(fn)
+
+
 def _cfgs(rows):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in rows]
 
@@ -68,11 +76,36 @@ def _cfgs(rows):
 _FWD_CONFIGS = _cfgs([(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2)])
 _DKDV_CONFIGS = _cfgs([(64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3)])
 _DQ_CONFIGS = _cfgs([(64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 64, 8, 2)])
-_KEY = ["HEAD_DIM", "GROUP", "CAUSAL", "DIAG_BOUND", "SKIP_EMPTY", "CAST_FP32"]
+# Autotune key: the best tile depends on the sequence lengths (few query tiles -> little parallelism;
+# causal skipping shifts the balance) and on the head dim / mask kind. T_BUCKET / S_BUCKET are
+# next_power_of_2(T / S), passed by the launcher and unused by the kernels, so the tuner re-runs once
+# per length bucket instead of once per distinct length (ragged packing would otherwise retune often).
+_KEY = ["T_BUCKET", "S_BUCKET", "HEAD_DIM", "GROUP", "CAUSAL", "DIAG_BOUND", "SKIP_EMPTY", "CAST_FP32"]
+
+# Deterministic mode: a fixed config per (kernel, head-dim class, dtype class), no autotune, so the
+# accumulation order (set by BLOCK_N in the forward / dq loops and BLOCK_M in the dk / dv loop) is the
+# same in every process and run, which bitwise resume needs. Chosen among the autotune candidates
+# (16-bit, head dim <= 128: the ones ptxas compiled for sm_90 without spilling); the fp32 and head
+# dim > 128 rows are smaller tiles picked for register pressure, not compiled or timed on a GPU.
+# (kernel, head dim <= 64 / <= 128 / larger, "16bit" / "fp32") -> (BLOCK_M, BLOCK_N, num_warps, num_stages)
+DETERMINISTIC_CONFIGS = {
+    ("fwd", 64, "16bit"): (128, 64, 4, 3), ("fwd", 128, "16bit"): (128, 64, 8, 3), ("fwd", 256, "16bit"): (64, 32, 4, 2),
+    ("fwd", 64, "fp32"): (64, 64, 4, 2), ("fwd", 128, "fp32"): (64, 64, 4, 2), ("fwd", 256, "fp32"): (32, 32, 4, 2),
+    ("dkdv", 64, "16bit"): (64, 64, 4, 2), ("dkdv", 128, "16bit"): (64, 64, 8, 2), ("dkdv", 256, "16bit"): (32, 32, 4, 2),
+    ("dkdv", 64, "fp32"): (32, 64, 4, 2), ("dkdv", 128, "fp32"): (32, 64, 4, 2), ("dkdv", 256, "fp32"): (32, 32, 4, 1),
+    ("dq", 64, "16bit"): (64, 64, 4, 2), ("dq", 128, "16bit"): (64, 64, 8, 2), ("dq", 256, "16bit"): (32, 32, 4, 2),
+    ("dq", 64, "fp32"): (64, 32, 4, 2), ("dq", 128, "fp32"): (64, 32, 4, 2), ("dq", 256, "fp32"): (32, 32, 4, 1),
+}
+
+
+def deterministic_config(kernel, head_dim, dtype_is_fp32):
+    """The fixed (BLOCK_M, BLOCK_N, num_warps, num_stages) of `kernel` ("fwd", "dkdv", "dq")."""
+    d_class = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    return DETERMINISTIC_CONFIGS[(kernel, d_class, "fp32" if dtype_is_fp32 else "16bit")]
 
 
 @triton.jit
-def _tile_visible(QPOS, KPOS, QSEG, KSEG, qpos_off, kpos_off, qseg_off, kseg_off, offs_m, offs_n, T, S,
+def _tile_visible(QPOS, KPOS, QSEG, KSEG, qpos_off, kpos_off, qseg_off, kseg_off, diag_off, offs_m, offs_n, T, S,
                   CAUSAL: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
                   KEYS_FIRST: tl.constexpr):
     """Boolean tile: query offs_m sees key offs_n (in range, causal, same segment). Shape
@@ -83,7 +116,7 @@ def _tile_visible(QPOS, KPOS, QSEG, KSEG, qpos_off, kpos_off, qseg_off, kseg_off
     m_valid = offs_m < T
     n_valid = offs_n < S
     if CAUSAL:
-        q_pos = offs_m
+        q_pos = offs_m + diag_off  # default positions: query i sits at i + diag_off, key j at j
         k_pos = offs_n
         if HAS_QPOS:
             q_pos = tl.load(QPOS + qpos_off + offs_m, mask=m_valid, other=0)
@@ -108,7 +141,7 @@ def _tile_visible(QPOS, KPOS, QSEG, KSEG, qpos_off, kpos_off, qseg_off, kseg_off
 
 
 @triton.jit
-def _tile_may_see(QPOS, KPOS, QSEG, KSEG, qpos_off, kpos_off, qseg_off, kseg_off, offs_m, offs_n, T, S,
+def _tile_may_see(QPOS, KPOS, QSEG, KSEG, qpos_off, kpos_off, qseg_off, kseg_off, diag_off, offs_m, offs_n, T, S,
                   CAUSAL: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr):
     """Cheap necessary condition for a tile to hold a visible pair, from 1-D min / max only (building
     the whole mask before the branch costs registers): some key position <= the largest query
@@ -117,7 +150,7 @@ def _tile_may_see(QPOS, KPOS, QSEG, KSEG, qpos_off, kpos_off, qseg_off, kseg_off
     n_valid = offs_n < S
     causal_ok = True
     if CAUSAL:
-        q_pos = offs_m
+        q_pos = offs_m + diag_off  # default positions: query i sits at i + diag_off, key j at j
         k_pos = offs_n
         if HAS_QPOS:
             q_pos = tl.load(QPOS + qpos_off + offs_m, mask=m_valid, other=0)
@@ -163,12 +196,11 @@ def _fwd_step(q, k_base, v_base, offs_n, offs_d, S, skt, svt, vis, m_i, l_i, acc
     return m_new, l_i, acc
 
 
-@_autotune(_FWD_CONFIGS, _KEY)
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, QPOS, KPOS, QSEG, KSEG,
               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
               sqpos_b, skpos_b, sqseg_b, skseg_b,
-              H, T, S, qk_scale,
+              H, T, S, qk_scale, DIAG_OFF, T_BUCKET, S_BUCKET,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
               DIAG_BOUND: tl.constexpr, SKIP_EMPTY: tl.constexpr, CAST_FP32: tl.constexpr,
@@ -188,20 +220,20 @@ def _attn_fwd(Q, K, V, O, LSE, QPOS, KPOS, QSEG, KSEG,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = S
-    if DIAG_BOUND:  # key j <= query i: nothing beyond this tile's last query
-        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    if DIAG_BOUND:  # key j <= query i + DIAG_OFF: nothing beyond this tile's last query (hi <= 0: no tile)
+        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + DIAG_OFF)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if SKIP_EMPTY:
             if _tile_may_see(QPOS, KPOS, QSEG, KSEG, b * sqpos_b, b * skpos_b, b * sqseg_b, b * skseg_b,
-                             offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG):
+                             DIAG_OFF, offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG):
                 vis = _tile_visible(QPOS, KPOS, QSEG, KSEG, b * sqpos_b, b * skpos_b, b * sqseg_b, b * skseg_b,
-                                    offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG, False)
+                                    DIAG_OFF, offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG, False)
                 m_i, l_i, acc = _fwd_step(q, k_base, v_base, offs_n, offs_d, S, skt, svt, vis, m_i, l_i, acc,
                                           qk_scale, HEAD_DIM, CAST_FP32, PRECISION)
         else:
             vis = _tile_visible(QPOS, KPOS, QSEG, KSEG, b * sqpos_b, b * skpos_b, b * sqseg_b, b * skseg_b,
-                                offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG, False)
+                                DIAG_OFF, offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG, False)
             m_i, l_i, acc = _fwd_step(q, k_base, v_base, offs_n, offs_d, S, skt, svt, vis, m_i, l_i, acc,
                                       qk_scale, HEAD_DIM, CAST_FP32, PRECISION)
 
@@ -256,13 +288,12 @@ def _dkdv_step(Q, DO, LSE, DELTA, k, v, dk, dv, vis_t, q_off, do_off, row_off, o
     return dk, dv
 
 
-@_autotune(_DKDV_CONFIGS, _KEY)
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS, QSEG, KSEG,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
                    sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
                    sqpos_b, skpos_b, sqseg_b, skseg_b,
-                   H, HKV, T, S, qk_scale, scale,
+                   H, HKV, T, S, qk_scale, scale, DIAG_OFF, T_BUCKET, S_BUCKET,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
                    DIAG_BOUND: tl.constexpr, SKIP_EMPTY: tl.constexpr, CAST_FP32: tl.constexpr,
@@ -279,8 +310,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS, QSEG, KSEG,
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
-    if DIAG_BOUND:  # query i >= key j: start at the query tile holding this key tile's first key
-        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    if DIAG_BOUND:  # query i >= key j - DIAG_OFF: start at the query tile holding the first such query
+        lo = (tl.maximum(pid_n * BLOCK_N - DIAG_OFF, 0) // BLOCK_M) * BLOCK_M
     for g in range(GROUP):  # the GROUP query heads that share this kv head (GQA)
         h = hkv * GROUP + g
         q_off = b * sqb + h * sqh
@@ -290,15 +321,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS, QSEG, KSEG,
             offs_m = start_m + tl.arange(0, BLOCK_M)
             if SKIP_EMPTY:
                 if _tile_may_see(QPOS, KPOS, QSEG, KSEG, b * sqpos_b, b * skpos_b, b * sqseg_b, b * skseg_b,
-                                 offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG):
+                                 DIAG_OFF, offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG):
                     vis_t = _tile_visible(QPOS, KPOS, QSEG, KSEG, b * sqpos_b, b * skpos_b, b * sqseg_b,
-                                          b * skseg_b, offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG,
+                                          b * skseg_b, DIAG_OFF, offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG,
                                           True)
                     dk, dv = _dkdv_step(Q, DO, LSE, DELTA, k, v, dk, dv, vis_t, q_off, do_off, row_off, offs_m,
                                         offs_d, sqt, sdot, T, qk_scale, HEAD_DIM, CAST_FP32, PRECISION)
             else:
                 vis_t = _tile_visible(QPOS, KPOS, QSEG, KSEG, b * sqpos_b, b * skpos_b, b * sqseg_b, b * skseg_b,
-                                      offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG, True)
+                                      DIAG_OFF, offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG, True)
                 dk, dv = _dkdv_step(Q, DO, LSE, DELTA, k, v, dk, dv, vis_t, q_off, do_off, row_off, offs_m,
                                     offs_d, sqt, sdot, T, qk_scale, HEAD_DIM, CAST_FP32, PRECISION)
     kv_mask = (offs_n < S)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -321,12 +352,11 @@ def _dq_step(q, do, lse2, delta, k_base, v_base, offs_n, offs_d, S, skt, svt, vi
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
 
-@_autotune(_DQ_CONFIGS, _KEY)
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS, QSEG, KSEG,
                  sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
                  sqpos_b, skpos_b, sqseg_b, skseg_b,
-                 H, T, S, qk_scale, scale,
+                 H, T, S, qk_scale, scale, DIAG_OFF, T_BUCKET, S_BUCKET,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
                  DIAG_BOUND: tl.constexpr, SKIP_EMPTY: tl.constexpr, CAST_FP32: tl.constexpr,
@@ -347,20 +377,27 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS, QSEG, KSEG,
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = S
     if DIAG_BOUND:
-        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + DIAG_OFF)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if SKIP_EMPTY:
             if _tile_may_see(QPOS, KPOS, QSEG, KSEG, b * sqpos_b, b * skpos_b, b * sqseg_b, b * skseg_b,
-                             offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG):
+                             DIAG_OFF, offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG):
                 vis = _tile_visible(QPOS, KPOS, QSEG, KSEG, b * sqpos_b, b * skpos_b, b * sqseg_b, b * skseg_b,
-                                    offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG, False)
+                                    DIAG_OFF, offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG, False)
                 dq = _dq_step(q, do, lse2, delta, k_base, v_base, offs_n, offs_d, S, skt, svt, vis, dq, qk_scale,
                               HEAD_DIM, CAST_FP32, PRECISION)
         else:
             vis = _tile_visible(QPOS, KPOS, QSEG, KSEG, b * sqpos_b, b * skpos_b, b * sqseg_b, b * skseg_b,
-                                offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG, False)
+                                DIAG_OFF, offs_m, offs_n, T, S, CAUSAL, HAS_QPOS, HAS_KPOS, HAS_SEG, False)
             dq = _dq_step(q, do, lse2, delta, k_base, v_base, offs_n, offs_d, S, skt, svt, vis, dq, qk_scale,
                           HEAD_DIM, CAST_FP32, PRECISION)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=(offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+# Autotuned versions (GPU); the raw kernels above are launched directly in deterministic mode and
+# under the interpreter.
+_attn_fwd_tuned = _autotune(_FWD_CONFIGS, _KEY)(_attn_fwd)
+_attn_bwd_dkdv_tuned = _autotune(_DKDV_CONFIGS, _KEY)(_attn_bwd_dkdv)
+_attn_bwd_dq_tuned = _autotune(_DQ_CONFIGS, _KEY)(_attn_bwd_dq)

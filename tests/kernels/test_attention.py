@@ -250,3 +250,125 @@ def test_auto_backend_choice_logged_once(caplog, monkeypatch):
         attn_mod.resolve_backend("triton", torch.device("cuda"))
     with pytest.raises(ValueError):
         attn_mod.resolve_backend("flash", torch.device("cpu"))
+
+
+# -- kernel-variant dispatch, autotune key, deterministic mode (issue 11) ---------------------------
+
+if triton_available():
+    from gigatron.kernels import attention_triton as at  # noqa: E402
+
+
+def _run_both(kw, shape=(1, 2, 1, 40, 40, 16), **extra):
+    """Forward + backward through the triton backend; returns (out, lse, grads)."""
+    q, k, v, dout = _inputs(*shape)
+    out, lse = attention_forward(q, k, v, backend="triton", **kw, **extra)
+    grads = attention_backward(dout, q, k, v, out, lse, backend="triton", **kw, **extra)
+    return (q, k, v, dout), out, lse, grads
+
+
+# (positions kwargs, expected variant). The engine passes positions = arange(T) for both q and kv:
+# that must take the diagonal fast path, as must a contiguous query chunk (offset diagonal).
+VARIANT_CASES = {
+    "no_positions": (lambda: {}, "causal_diag"),
+    "engine_aranges": (lambda: dict(q_positions=torch.arange(40), kv_positions=torch.arange(40)), "causal_diag"),
+    "offset_chunk": (lambda: dict(q_positions=torch.arange(25, 65), kv_positions=torch.arange(0, 40)), "causal_diag"),
+    "keys_ahead": (lambda: dict(q_positions=torch.arange(0, 40), kv_positions=torch.arange(13, 53)), "causal_diag"),
+    "per_batch_same_ranges": (lambda: dict(q_positions=torch.arange(40).expand(1, 40)), "causal_diag"),
+    "segments_aranges": (lambda: dict(q_positions=torch.arange(40), q_segment_ids=_segments(1, 40, [9, 31]),
+                                      kv_segment_ids=_segments(1, 40, [9, 31])), "causal_diag_segments"),
+    "reversed_positions": (lambda: dict(kv_positions=torch.arange(39, -1, -1)), "positions"),
+    "zigzag": (lambda: dict(kv_positions=torch.cat([torch.arange(20, 40), torch.arange(0, 20)])), "positions"),
+}
+
+
+@requires_triton
+@pytest.mark.parametrize("name", list(VARIANT_CASES))
+def test_causal_fast_path_dispatch(name):
+    """The diagonal fast path runs whenever positions are ranges (counted per kernel), and gives the
+    reference's result; the forced data-driven path gives the same result."""
+    kw_fn, want = VARIANT_CASES[name]
+    kw = dict(causal=True, **{n: t.to(DEVICE) for n, t in kw_fn().items()})
+    at.reset_kernel_stats()
+    (q, k, v, dout), out, lse, grads = _run_both(kw)
+    assert at.kernel_stats == {("fwd", want): 1, ("dkdv", want): 1, ("dq", want): 1}, at.kernel_stats
+    out_r, lse_r = attention_forward_reference(q, k, v, **kw)
+    _close("out", out, out_r, FWD_TOL)
+    fin = torch.isfinite(lse_r)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_r))
+    _close("lse", lse[fin], lse_r[fin], FWD_TOL)
+    for n, g, gr in zip(("dq", "dk", "dv"), grads, attention_backward_reference(dout, q, k, v, out_r, lse_r, **kw)):
+        _close(n, g, gr, GRAD_TOL)
+    at.reset_kernel_stats()
+    _, out_x, lse_x, grads_x = _run_both(kw, positions_hint="explicit")
+    explicit = "positions" if ("q_positions" in kw or "kv_positions" in kw) else want
+    assert at.kernel_stats[("fwd", explicit)] == 1
+    _close("out fast vs explicit", out, out_x, FWD_TOL)
+    for n, g, gx in zip(("dq", "dk", "dv"), grads, grads_x):
+        _close(f"{n} fast vs explicit", g, gx, GRAD_TOL)
+
+
+@requires_triton
+def test_positions_hint_default_and_cache():
+    """"default" trusts the caller (no check: wrong positions are ignored, by contract); "auto" checks
+    once per tensor and re-checks after an in-place change (version counter)."""
+    pos = torch.arange(40, device=DEVICE)
+    assert at.plan_mask(True, pos, pos, None, None, "auto")[:2] == ("causal_diag", 0)
+    key = id(pos)
+    assert at._RANGE_CACHE[key][2] == 0  # cached: the next layer's call does not sync
+    pos[5] = 100  # in-place edit bumps the version: re-checked, no longer a range
+    assert at.plan_mask(True, pos, pos, None, None, "auto")[0] == "positions"
+    assert at.plan_mask(True, pos, pos, None, None, "default")[:2] == ("causal_diag", 0)
+    assert at.plan_mask(False, pos, pos, None, None, "auto")[0] == "dense"
+    with pytest.raises(ValueError):
+        at.plan_mask(True, pos, pos, None, None, "arange")
+    # the torch backend honours the same hint contract
+    q, k, v, _ = _inputs(1, 1, 1, 40, 40, 16)
+    shuffled = torch.randperm(40, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    out_d = attention_forward(q, k, v, causal=True, q_positions=shuffled, kv_positions=shuffled, backend="torch",
+                              positions_hint="default")[0]
+    _close("default hint == no positions", out_d, attention_forward_reference(q, k, v, causal=True)[0], 0.0)
+
+
+@requires_triton
+def test_autotune_key_buckets_sequence_lengths():
+    """The autotune key holds the length buckets and head dim, and every key names a kernel argument
+    (a misspelt key would only fail at the first GPU launch)."""
+    kern = importlib.import_module("gigatron.kernels.attention_triton_kernels")
+    for must in ("T_BUCKET", "S_BUCKET", "HEAD_DIM"):
+        assert must in kern._KEY
+    for raw, cfgs in ((kern._attn_fwd, kern._FWD_CONFIGS), (kern._attn_bwd_dkdv, kern._DKDV_CONFIGS),
+                      (kern._attn_bwd_dq, kern._DQ_CONFIGS)):
+        tuned = kern.make_autotuned(raw, cfgs)
+        assert set(tuned.keys) <= set(tuned.arg_names), set(tuned.keys) - set(tuned.arg_names)
+    assert [at.seq_bucket(n) for n in (1, 16, 17, 100, 128, 129, 4096, 5000)] == [16, 16, 32, 128, 128, 256, 4096, 8192]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic_mode_fixed_config(dtype):
+    """deterministic=True launches the documented fixed config for (head dim, dtype) for all three
+    kernels, matches the reference, and repeats bit for bit."""
+    kern = importlib.import_module("gigatron.kernels.attention_triton_kernels")
+    q, k, v, dout = _inputs(1, 2, 1, 70, 70, 16, dtype)
+    kw = dict(causal=True, q_positions=torch.arange(70, device=DEVICE), kv_positions=torch.arange(70, device=DEVICE))
+    runs = []
+    for _ in range(2):
+        at.reset_kernel_stats()
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, backend="triton", deterministic=True, **kw)
+        out.backward(dout)
+        runs.append([out.detach()] + [t.grad for t in leaves])
+        for name in ("fwd", "dkdv", "dq"):
+            bm, bn, w, st = kern.deterministic_config(name, 16, dtype == torch.float32)
+            assert at.last_config[name] == dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st,
+                                                autotuned=False, variant="causal_diag"), at.last_config[name]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    f32 = [t.float() for t in (q, k, v, dout)]
+    out_r, lse_r = attention_forward_reference(*f32[:3], **kw)
+    tol = FWD_TOL if dtype == torch.float32 else BF16_TOL
+    _close("deterministic out", runs[0][0], out_r, tol)
+    for n, g, gr in zip(("dq", "dk", "dv"), runs[0][1:], attention_backward_reference(f32[3], *f32[:3], out_r, lse_r, **kw)):
+        _close(f"deterministic {n}", g, gr, GRAD_TOL if dtype == torch.float32 else BF16_TOL * max(1.0, gr.abs().max().item()))
+    # every table row is a valid tile: powers of two, >= 16 (tl.dot's minimum)
+    for (name, d, cls), (bm, bn, w, st) in kern.DETERMINISTIC_CONFIGS.items():
+        assert bm >= 16 and bn >= 16 and bm & (bm - 1) == 0 and bn & (bn - 1) == 0 and w in (4, 8) and st >= 1
