@@ -27,9 +27,10 @@ import dataclasses, sys, warnings, torch
 warnings.filterwarnings("ignore")
 import torch.distributed.checkpoint as dcp
 from gigatron.core.checkpoint.store import commit
-from gigatron.core.config import Config, ModelConfig
+from gigatron.core.config import Config
+from gigatron.core.models.llama import LlamaConfig
 from gigatron.core.models.llama import Llama
-m = ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=5632, vocab_size=128256)
+m = LlamaConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=5632, vocab_size=128256)
 with torch.device("meta"):
     names = [(n, p.shape) for n, p in Llama(m).named_parameters()]
 gen = torch.Generator().manual_seed(0)

@@ -9,27 +9,31 @@ from __future__ import annotations
 import json
 
 from gigatron.core.config import Config
-from gigatron.core.models.llama import count_parameters
+from gigatron.core.family import get_family, parameter_count, pipeline_costs
 from gigatron.parallel.pipeline_split import describe, format_rows, theoretical_bubble
 
 
 def plan(cfg: Config) -> dict:
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    n_params = count_parameters(m)
-    embedding = m.vocab_size * m.dim
+    family = get_family(m.name)
+    n_params = parameter_count(family, m)
+    embedding = getattr(m, "vocab_size", 0) * getattr(m, "dim", 0)
+    first, last = family.plan.first_stage, family.plan.last_stage
     return {
         "model": m.name,
         "parameters": n_params,
         "parameters_billions": round(n_params / 1e9, 3),
         "non_embedding_parameters": n_params - 2 * embedding,
-        "layers": m.n_layers,
+        "layers": family.n_blocks(m),
         "layout": {"tp": p.tp, "cp": p.cp, "pp": p.pp, "dp": p.dp, "world_size": p.world_size,
                    "virtual_stages": p.pp_virtual_stages, "schedule": p.pp_schedule},
         "tokens_per_step": t.tokens_per_step,
         "micro_batches_per_step": t.global_batch_size // (t.micro_batch_size * p.dp),
         "parameters_per_rank": n_params // p.world_size,
         # which layers each (pp rank, virtual stage) holds, and its cost in layers (parallel/pipeline_split.py)
-        "pipeline": {"chunks": describe(m, t.seq_len, p.pp, p.pp_virtual_stages, p.pp_first_last_fewer_layers),
+        "pipeline": {"chunks": describe(pipeline_costs(family, cfg), family.n_blocks(m), p.pp, p.pp_virtual_stages,
+                                        p.pp_first_last_fewer_layers, "+".join(first) and "embedding",
+                                        "output+loss"),
                      "bubble_theory": theoretical_bubble(p.pp, p.pp_virtual_stages,
                                                          t.global_batch_size // (t.micro_batch_size * p.dp))},
     }

@@ -7,37 +7,13 @@ a bad layout in seconds. Every field carries a one-line comment: unit, meaning, 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from gigatron.core.config_loader import ConfigError, apply_overrides, build, load_yaml
-
-
-@dataclass
-class ModelConfig:
-    name: Literal["llama3"] = "llama3"   # architecture family (Movie Gen and ViT slot in here)
-    dim: int = 4096                       # model width d
-    n_layers: int = 32                    # transformer blocks
-    n_heads: int = 32                     # query heads
-    n_kv_heads: int = 8                   # key/value heads (GQA); must divide n_heads
-    ffn_dim: int = 14336                  # SwiGLU hidden width
-    vocab_size: int = 128256              # Llama 3: 128,000 BPE + 256 special tokens
-    norm_eps: float = 1e-5                # RMSNorm epsilon
-    rope_theta: float = 500000.0          # RoPE base frequency (Llama 3)
-    rope_scaling: bool = True             # apply Llama 3.1's "llama3" frequency scaling
-    rope_scaling_factor: float = 8.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_len: int = 8192     # context the unscaled frequencies were trained for
-    max_seq_len: int = 131072             # longest position the RoPE table covers
-    document_mask: bool = True            # no attention across documents of a packed sequence
-    attention_backend: Literal["auto", "sdpa", "triton", "torch"] = "auto"  # auto: triton on GPU, SDPA on CPU
-    init_std: float = 0.02                # std of the normal init of projections
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+from gigatron.core.config_loader import ConfigError, apply_overrides, build, load_yaml, set_path
+from gigatron.data_pipeline.config import DataConfig
 
 
 @dataclass
@@ -64,9 +40,9 @@ class ParallelConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000                     # optimizer steps
-    seq_len: int = 8192                   # tokens per sequence
-    global_batch_size: int = 2048         # sequences per optimizer step, all ranks together
-    micro_batch_size: int = 1             # sequences per forward/backward on one rank
+    seq_len: int = 8192                   # tokens (or patches) per sample
+    global_batch_size: int = 2048         # samples per optimizer step, all ranks together
+    micro_batch_size: int = 1             # samples per forward/backward on one rank
     lr: float = 3e-4                      # peak learning rate
     min_lr: float = 3e-6                  # floor of the cosine decay
     warmup_steps: int = 2000              # linear warm-up from 0 to lr
@@ -80,18 +56,12 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
     compile: bool = False                 # torch.compile each block
     max_skipped_steps: int = 5            # stop after this many non-finite loss/grad steps in a row
+    eval_every: int = 0                   # evaluate on the held-out split every N steps; 0 = never
+    eval_batches: int = 4                 # micro-batches per rank in one evaluation
 
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.seq_len
-
-
-@dataclass
-class DataConfig:
-    path: str = "runs/data/stdlib"        # token-shard prefix (P.bin, P.idx.npy, P.json)
-    sources: list[str] = field(default_factory=lambda: ["stdlib"])  # what prepare-text reads if missing
-    tokenizer: Literal["llama3", "bytes"] = "llama3"
-    max_mb: float = 0.0                   # cap on prepared text in MB; 0 = everything
 
 
 @dataclass
@@ -113,13 +83,26 @@ class RunConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a multi-stage recipe (Llama 3: 4K then 8K sequences; MAWS: MAE then supervised)."""
+
+    name: str = ""                        # names the stage's checkpoint folder (checkpoints/<name>/)
+    until_step: int = 0                   # global optimizer step at which the stage ends; the last ends at train.steps
+    set: dict = field(default_factory=dict)  # overrides {"section.key": value} on top of the recipe
+    fresh_optimizer: bool = False         # new optimizer state and LR schedule from the stage's start (new modules)
+
+
+@dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = None                     # the family's dataclass, chosen by model.name (core/family.py)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # empty: one stage, the recipe itself
+    # each stage's complete, validated config (filled by load_config; not a recipe key)
+    resolved_stages: list = field(default_factory=list, init=False, repr=False, compare=False)
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -128,12 +111,15 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: Config, world_size: int | None = None) -> Config:
-    """Cross-field rules. Each failure names the key, the value and a fix."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
+    """Cross-field rules of the layout and the schedule, then the family's own (model.*) rules.
+    Each failure names the key, the value and a fix."""
+    from gigatron.core.family import get_family
+
+    family = get_family(cfg.model.name)
+    p, t = cfg.parallel, cfg.train
     for key, value in [("parallel.tp", p.tp), ("parallel.cp", p.cp), ("parallel.pp", p.pp),
                        ("parallel.dp", p.dp), ("parallel.dp_replicate", p.dp_replicate),
-                       ("parallel.pp_virtual_stages", p.pp_virtual_stages), ("model.n_layers", m.n_layers),
-                       ("model.dim", m.dim), ("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads),
+                       ("parallel.pp_virtual_stages", p.pp_virtual_stages),
                        ("train.steps", t.steps), ("train.seq_len", t.seq_len),
                        ("train.global_batch_size", t.global_batch_size), ("train.micro_batch_size", t.micro_batch_size)]:
         _require(value >= 1, key, f"must be a positive integer, got {value}")
@@ -144,34 +130,17 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         _require(p.world_size == world_size, "parallel.dp",
                  f"tp*cp*pp*dp = {p.tp}*{p.cp}*{p.pp}*{p.dp} = {p.world_size} but the job has {world_size} "
                  f"processes; {fix}, or launch {p.world_size} processes")
-    _require(m.dim % m.n_heads == 0, "model.dim", f"{m.dim} is not divisible by model.n_heads={m.n_heads}")
-    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
-             f"{m.n_kv_heads} must divide model.n_heads={m.n_heads}")
-    _require(m.n_heads % p.tp == 0, "parallel.tp",
-             f"model.n_heads={m.n_heads} is not divisible by tp={p.tp}; pick tp among "
-             f"{[d for d in range(1, m.n_heads + 1) if m.n_heads % d == 0 and d <= 64]}")
-    _require(m.n_kv_heads % p.tp == 0 or p.tp % m.n_kv_heads == 0, "parallel.tp",
-             f"model.n_kv_heads={m.n_kv_heads} and tp={p.tp}: one must divide the other "
-             f"(KV heads are split, or replicated when fewer than tp)")
-    _require(m.ffn_dim % p.tp == 0, "model.ffn_dim", f"{m.ffn_dim} is not divisible by tp={p.tp}")
-    # the vocabulary is sharded torch.chunk-style over tp (uneven allowed): every rank needs a piece
-    vocab_chunk = -(-m.vocab_size // p.tp)
-    _require(vocab_chunk * (p.tp - 1) < m.vocab_size, "model.vocab_size",
-             f"{m.vocab_size} rows split over tp={p.tp} in chunks of {vocab_chunk} leave a rank without "
-             f"vocabulary; use a vocab_size above {vocab_chunk * (p.tp - 1)} or a smaller tp")
-    _require(m.dim % p.tp == 0, "model.dim", f"{m.dim} is not divisible by tp={p.tp}")
-    _require(t.seq_len % (2 * p.cp) == 0, "train.seq_len",
-             f"{t.seq_len} must be divisible by 2*cp={2 * p.cp} (context parallel splits it into 2*cp chunks)")
-    # context parallel merges partial attentions through their log-sum-exp (parallel/context.py)
-    _require(p.cp == 1 or m.attention_backend != "sdpa", "model.attention_backend",
-             f"'sdpa' returns no log-sum-exp, which context parallel (cp={p.cp}) needs; set "
-             f"model.attention_backend=auto (triton on GPU, the torch kernel on CPU) or torch")
+    family.validate(cfg)  # the model's own rules (head counts against tp, ...) name model.* keys
+    if family.plan.causal:  # load balancing under the causal mask: rank i holds chunks i and 2cp-1-i
+        _require(t.seq_len % (2 * p.cp) == 0, "train.seq_len",
+                 f"{t.seq_len} must be divisible by 2*cp={2 * p.cp} (context parallel splits it into 2*cp chunks)")
+    else:
+        _require(t.seq_len % p.cp == 0, "train.seq_len", f"{t.seq_len} must be divisible by cp={p.cp}")
     if p.sequence_parallel and p.tp > 1:
         chunk = t.seq_len // p.cp
         _require(chunk % p.tp == 0, "train.seq_len",
                  f"sequence parallel needs seq_len/cp={chunk} divisible by tp={p.tp}; "
                  f"set train.seq_len to a multiple of {p.tp * p.cp} or parallel.sequence_parallel=false")
-    _require(t.seq_len <= m.max_seq_len, "train.seq_len", f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     per_step = t.micro_batch_size * p.dp
     _require(t.global_batch_size % per_step == 0, "train.global_batch_size",
              f"{t.global_batch_size} is not divisible by micro_batch_size*dp = {t.micro_batch_size}*{p.dp}; "
@@ -183,10 +152,11 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
              "parallel.pp_schedule", f"'{p.pp_schedule}' runs one stage per rank; use interleaved_1f1b for "
              f"pp_virtual_stages={p.pp_virtual_stages}")
     if p.pp > 1:
-        # every middle stage needs a layer; the first and last may hold only the embedding / loss
+        # every middle stage needs a block; the first and last may hold only the embedding / loss
+        n_blocks = family.n_blocks(cfg.model)
         need = max(chunks - 2 * p.pp_first_last_fewer_layers, p.pp)
-        _require(m.n_layers >= need, "parallel.pp",
-                 f"{m.n_layers} layers cannot fill pp*virtual_stages={chunks} stages "
+        _require(n_blocks >= need, "parallel.pp",
+                 f"{n_blocks} blocks cannot fill pp*virtual_stages={chunks} stages "
                  f"(first/last hold {p.pp_first_last_fewer_layers} fewer); lower parallel.pp or pp_virtual_stages")
         n_micro = t.global_batch_size // per_step
         _require(n_micro >= p.pp, "train.global_batch_size",
@@ -212,10 +182,65 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     _require(t.decay_steps >= 0, "train.decay_steps", f"{t.decay_steps} must be >= 0 (0 = decay until train.steps)")
     _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1", "Adam betas must lie in [0, 1)")
     _require(t.grad_clip >= 0 and math.isfinite(t.grad_clip), "train.grad_clip", f"{t.grad_clip} must be >= 0")
+    _require(t.eval_every >= 0, "train.eval_every", f"{t.eval_every} must be >= 0 (0 = no evaluation)")
+    _require(t.eval_every == 0 or t.eval_batches >= 1, "train.eval_batches",
+             f"{t.eval_batches} must be >= 1 when train.eval_every={t.eval_every}")
+    _require(t.eval_every == 0 or cfg.data.eval_fraction > 0, "data.eval_fraction",
+             f"evaluation (train.eval_every={t.eval_every}) needs a held-out split: set data.eval_fraction > 0")
     return cfg
 
 
+def _build(data: dict) -> Config:
+    """Build the typed Config; the model section's class is the one of the family model.name names."""
+    from gigatron.core.family import get_family
+
+    data = dict(data)
+    model = data.pop("model", None) or {}
+    if not isinstance(model, dict):
+        raise ConfigError("model", f"got {model!r}; expected a mapping of model fields")
+    family = get_family(model.get("name", "llama3"))
+    cfg = build(Config, data)
+    cfg.model = build(family.config, model, prefix="model.")
+    if "format" not in (data.get("data") or {}):
+        cfg.data.format = family.data_format
+    return cfg
+
+
+def _stage_data(data: dict, stage: StageConfig) -> dict:
+    out = copy.deepcopy(data)
+    out.pop("stages", None)
+    for key, value in stage.set.items():
+        set_path(out, str(key), copy.deepcopy(value))
+    return out
+
+
 def load_config(path: str, overrides: list[str] | None = None, world_size: int | None = None) -> Config:
-    """Read a recipe, apply `section.key=value` overrides, build and validate the typed config."""
+    """Read a recipe, apply `section.key=value` overrides, build and validate the typed config, and
+    every stage's (each stage = the recipe plus its `set`; errors name `stages[i].set.<key>`)."""
     data = apply_overrides(load_yaml(path), overrides or [])
-    return validate(build(Config, data), world_size)
+    cfg = validate(_build(data), world_size)
+    previous_end = 0
+    for i, stage in enumerate(cfg.stages):
+        key = f"stages[{i}]"
+        _require(bool(stage.name) and stage.name.replace("_", "").replace("-", "").isalnum(), f"{key}.name",
+                 f"{stage.name!r}: give each stage a name of letters, digits, '-' or '_' (it names a folder)")
+        _require(stage.name not in [s.name for s in cfg.stages[:i]], f"{key}.name", f"{stage.name!r} is used twice")
+        last = i == len(cfg.stages) - 1
+        end = cfg.train.steps if last else stage.until_step
+        _require(last or previous_end < end < cfg.train.steps, f"{key}.until_step",
+                 f"{stage.until_step} must lie in ({previous_end}, train.steps={cfg.train.steps}): stages run in order")
+        _require(not last or stage.until_step in (0, cfg.train.steps), f"{key}.until_step",
+                 f"the last stage ends at train.steps={cfg.train.steps}; drop until_step or set it to that")
+        stage.until_step = end
+        previous_end = end
+        try:
+            stage_data = _stage_data(data, stage)
+            resolved = validate(_build(stage_data), world_size)
+        except ConfigError as err:
+            if err.key.startswith("stages["):
+                raise
+            raise ConfigError(f"{key}.set.{err.key}", str(err).split(": ", 1)[-1]) from None
+        _require(resolved.train.steps == cfg.train.steps, f"{key}.set.train.steps",
+                 "a stage cannot change train.steps (the whole run's length); set the stage's until_step")
+        cfg.resolved_stages.append(resolved)
+    return cfg

@@ -91,15 +91,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def set_path(data: dict, dotted: str, value: Any) -> dict:
+    """data["a"]["b"] = value for dotted "a.b", creating sections as needed."""
+    path = dotted.strip().split(".")
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(dotted, f"'{part}' is not a section")
+    node[path[-1]] = value
+    return data
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(".".join(path), f"'{part}' is not a section")
-        node[path[-1]] = value
+        set_path(data, ".".join(path), value)
     return data
 
 

@@ -1,4 +1,4 @@
-"""Step metrics: FLOPs per token, MFU, and the sinks they go to (terminal, metrics.jsonl, TensorBoard).
+"""Step metrics: peak FLOP/s for MFU, and the sinks they go to (terminal, metrics.jsonl, TensorBoard).
 
 Only rank 0 writes. Values are reduced across ranks by the trainer before they arrive here.
 """
@@ -11,18 +11,8 @@ import time
 
 import torch
 
-from gigatron.core.config import ModelConfig
-
 # Dense BF16 peak of one device in FLOP/s (vendor data sheets, no sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12, "GB200": 2500e12}
-
-
-def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per weight (forward 2, backward 4), embedding lookup excluded,
-    plus attention scores and values 12 * layers * dim * seq_len (PaLM appendix B; causal masking
-    is not discounted, as in Megatron and torchtitan, so MFU figures compare)."""
-    matmul_params = n_params - cfg.vocab_size * cfg.dim
-    return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
 def device_peak_flops() -> float | None:

@@ -1,25 +1,32 @@
 """The trainer: `torchrun --nproc-per-node=N -m gigatron.core.train RECIPE [--set key=value ...]`.
 
-One step: split the global batch into micro-batches, run forward/backward on each (gradients
-accumulate in FP32), clip the global gradient norm, step AdamW and the LR schedule, then reduce the
-metrics across ranks and log them. The loss is the mean over every token of the global batch:
-each rank divides its summed cross-entropy by its own token count, and FSDP averages gradients over
-the dp x cp ranks, which all hold the same number of tokens.
+The trainer knows no model: the recipe's `model.name` selects a family (core/family.py), which
+builds the model, plans its parallelism and owns the objective; `data.format` selects the reader
+(data_pipeline/loader.py). One step:
 
-Pipeline parallel (pp > 1, parallel/pipeline.py): `self.model` is the rank's part of the model (full
-parameter names), the pipeline schedule runs every micro-batch through the rank's stages in one call,
-the loss sum is all-reduced over pp, and the gradient norm sums squares over pp.
+    micro-batches -> objective.prepare -> split over cp -> N = sum of objective.count, all-reduced
+    over the "loss" mesh (dp x cp) -> forward/backward of loss_sum * (dp*cp)/N per micro-batch
+    (FSDP averages gradients over dp x cp; gradients accumulate in FP32) -> clip the global norm ->
+    AdamW at lr(step) -> metrics reduced over the "loss" mesh
 
-Exit codes: 0 finished; 2 bad recipe; 3 too many non-finite steps in a row (train.max_skipped_steps);
-42 checkpointed on request (a `checkpoint_request` file in the run folder, or SIGTERM/SIGUSR1 from the
-scheduler): the launcher requeues the job, which resumes from `latest`.
+so the gradient is that of the mean over all N loss terms of the global batch, whatever each rank's
+share of N. Pipeline parallel (pp > 1, parallel/pipeline.py): `self.model` is the rank's part of
+the model (full parameter names) and the schedule runs every micro-batch through the rank's stages.
+
+Multi-stage recipes (`stages:` in the recipe, core/config.py): `main` runs the stages in order, each
+a Trainer of its own config, checkpointing under checkpoints/<stage>/ and starting from the
+previous stage's last checkpoint (modules it adds start fresh, modules it drops are left behind).
+
+Exit codes: 0 finished; 2 bad recipe or data; 3 too many non-finite steps in a row
+(train.max_skipped_steps); 42 checkpointed on request (a `checkpoint_request` file in the run
+folder, or SIGTERM/SIGUSR1 from the scheduler): the launcher requeues the job, which resumes.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -31,16 +38,14 @@ from tqdm import tqdm
 
 from gigatron.core import checkpoint
 from gigatron.core.config import Config, ConfigError, load_config
-from gigatron.core.metrics import MetricsWriter, device_peak_flops, flops_per_token, format_step
-from gigatron.core.models.llama import Llama, count_parameters
-from gigatron.core.optim import build_optimizer
-from gigatron.data_pipeline.sampler import PackedBatchStream
-from gigatron.data_pipeline.token_shards import TokenShards
+from gigatron.core.family import ModelFamily, get_family
+from gigatron.core.metrics import MetricsWriter, device_peak_flops, format_step
+from gigatron.core.optim import build_optimizer, lr_at, set_lr
+from gigatron.parallel.comm import all_reduce
 from gigatron.parallel.context import cp_shard_batch
 from gigatron.parallel.mesh import ParallelDims, device_type, init_distributed
-from gigatron.parallel.parallelize import parallelize_llama, place_shard
-from gigatron.parallel.pipeline import Pipeline, build_pipeline, clip_grad_norm_
-from gigatron.parallel.tensor import build_loss_fn
+from gigatron.parallel.parallelize import init_weights, parallelize
+from gigatron.parallel.pipeline import build_pipeline, clip_grad_norm_
 
 log = logging.getLogger("gigatron")
 REQUEUE_EXIT_CODE = 42
@@ -53,60 +58,65 @@ def compute_dtype(cfg: Config) -> torch.dtype:
     return getattr(torch, cfg.train.dtype)
 
 
-def ensure_data(cfg: Config) -> TokenShards:
-    """Tokenize the recipe's sources once (rank 0) if the shards are missing; everyone waits."""
-    if dist.get_rank() == 0 and not os.path.exists(cfg.data.path + ".json"):
-        from gigatron.data_pipeline.prepare import prepare_text
-
-        max_bytes = int(cfg.data.max_mb * 1e6) or None
-        prepare_text(cfg.data.sources, cfg.data.path, cfg.data.tokenizer, max_bytes=max_bytes)
-    dist.barrier()
-    shards = TokenShards(cfg.data.path)
-    if shards.vocab_size > cfg.model.vocab_size:
-        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the data's vocabulary "
-                          f"({shards.vocab_size}, {cfg.data.path}); raise it or use a matching data.tokenizer")
-    return shards
-
-
-def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> tuple[Llama, Pipeline | None]:
+def build_model(cfg: Config, dims: ParallelDims, family: ModelFamily, objective, device: torch.device):
     """Build on the meta device, parallelize, then allocate only this rank's shards and init them.
-    With pp > 1 the model is the rank's part of the layers, run by the returned pipeline's stages."""
-    def parallelize(module: Llama) -> Llama:
-        return parallelize_llama(module, dims, cfg, compute_dtype(cfg))
+    With pp > 1 the model is the rank's part of the blocks, run by the returned pipeline's stages."""
+    def apply(module):
+        return parallelize(module, dims, cfg, family, compute_dtype(cfg))
+
+    def init(module):
+        init_weights(module, family, cfg, cfg.train.seed)
 
     if dims.pp > 1:
         n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dims.dp)
-        return build_pipeline(cfg, dims, device, parallelize, place_shard, n_micro, build_loss_fn(dims.mesh))
+        return build_pipeline(cfg, dims, device, family, objective, apply, init, n_micro)
     with torch.device("meta"):
-        model = Llama(cfg.model)
-    model = parallelize(model)
+        model = family.build(cfg.model)
+    model = apply(model)
     model.to_empty(device=device)
-    model.init_weights(cfg.train.seed, place=place_shard)
+    init(model)
     return model, None
 
 
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class Trainer:
-    def __init__(self, cfg: Config, dims: ParallelDims):
+    """One stage of a run: the model, optimizer, data and loop for `cfg` (a resolved stage config).
+
+    Args: stage_name: "" for a one-stage recipe, else the stage's name (its checkpoint folder);
+    schedule_start: the global step where this stage's LR schedule starts (0 unless the stage
+    restarts it); init_from: a checkpoint to start from when this stage has none of its own."""
+
+    def __init__(self, cfg: Config, dims: ParallelDims, stage_name: str = "", schedule_start: int = 0,
+                 init_from: str = "", fresh_optimizer: bool = False):
         self.cfg, self.dims, self.mesh = cfg, dims, dims.mesh
+        self.family = get_family(cfg.model.name)
         self.device = torch.device(device_type(), torch.cuda.current_device() if torch.cuda.is_available() else None)
         torch.manual_seed(cfg.train.seed)
-        self.model, self.pipeline = build_model(cfg, dims, self.device)
-        self.loss_fn = build_loss_fn(self.mesh)  # summed CE; vocabulary-parallel when the logits are sharded on V
-        self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), cfg.train)
+        self.objective = self.family.objective(cfg, self.mesh)
+        self.model, self.pipeline = build_model(cfg, dims, self.family, self.objective, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.train, self.family.no_decay)
+        self.schedule_start = schedule_start
         t = cfg.train
         self.n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
-        self.batches = PackedBatchStream(ensure_data(cfg), t.seq_len, t.micro_batch_size,
-                                    dp_rank=self.mesh["batch"].get_local_rank(), dp_size=dims.dp, seed=t.seed)
+        self.dp_rank = self.mesh["batch"].get_local_rank()
+        from gigatron.data_pipeline.loader import build_loader  # readers are imported only when used
+
+        self.loader = build_loader(cfg, "train", self.dp_rank, dims.dp)
+        self.eval_loader = build_loader(cfg, "eval", self.dp_rank, dims.dp) if t.eval_every else None
         self.step = 0
-        self.n_params = count_parameters(cfg.model)  # the whole model, whatever this rank holds
-        self.flops_per_token = flops_per_token(cfg.model, self.n_params, t.seq_len)
-        self.ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
+        self.flops_per_sample = self.family.flops_per_sample(cfg)  # the whole model, whatever this rank holds
+        self.stage_name, self.init_from, self.fresh_optimizer = stage_name, init_from, fresh_optimizer
+        self.ckpt_root = os.path.join(cfg.run.dir, "checkpoints", stage_name)
         c = cfg.checkpoint
         self.checkpointer = checkpoint.Checkpointer(self.ckpt_root, keep_last=c.keep_last, keep_every=c.keep_every,
                                                     async_save=c.async_save, fallback_to_previous=c.fallback_to_previous,
                                                     config=dataclasses.asdict(cfg))
         self.saved_step = -1
         self.skipped_steps, self.skipped_in_a_row = 0, 0
+        self.data_wait = 0.0  # seconds spent in loader.next_batch during the current step
         self.stop_signal: int | None = None  # set by SIGTERM/SIGUSR1: checkpoint at the next step boundary
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
@@ -115,8 +125,15 @@ class Trainer:
         self.stop_signal = signum  # only a flag: the save happens between steps, on every rank together
 
     # -- checkpoints -------------------------------------------------------------------------
-    def state_extra(self) -> dict:
-        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "data": self.batches.state_dict()}
+    def state_extra(self, data_layout: int | None = None) -> dict:
+        """What a checkpoint holds besides model and optimizer. The loader's position is saved per
+        data-parallel rank (`data.dp<r>`; the tp/cp/pp ranks of one dp rank read the same stream)."""
+        state = self.loader.state_dict()
+        if data_layout is None or data_layout == self.dims.dp:
+            data = {f"dp{self.dp_rank}": state}
+        else:  # resuming under another dp size: every old rank's position, for the loader to re-split
+            data = {f"dp{r}": state for r in range(data_layout)}
+        return {"step": self.step, "data_dp_size": self.dims.dp, "data": data}
 
     def save(self) -> str:
         path = checkpoint.step_dir(self.ckpt_root, self.step)
@@ -125,49 +142,87 @@ class Trainer:
             self.saved_step = self.step
         return path
 
+    def _load_data_state(self, extra: dict, legacy: bool, saved_dp: int) -> None:
+        if legacy:  # written before per-rank data state: one global stream position
+            self.loader.load_state_dict(extra["data"])
+        elif saved_dp == self.dims.dp:
+            self.loader.load_state_dict(extra["data"][f"dp{self.dp_rank}"])
+        elif hasattr(self.loader, "resume_from_layout"):
+            self.loader.resume_from_layout([extra["data"][f"dp{r}"] for r in range(saved_dp)])
+        else:
+            raise ConfigError("parallel.dp", f"the checkpoint was written with dp={saved_dp} and this run has "
+                                             f"dp={self.dims.dp}, which the '{self.cfg.data.format}' reader cannot "
+                                             f"re-split; resume with parallel.dp={saved_dp}")
+
     def maybe_resume(self) -> None:
-        """Resume from the run's own `latest` (verified), else from checkpoint.load if set. A
-        model-only checkpoint (e.g. converted from Hugging Face) starts at step 0, fresh optimizer."""
-        path = self.checkpointer.resume_path(self.cfg.checkpoint.load)
-        if path:
-            extra = self.checkpointer.load(path, self.model, self.optimizer, self.state_extra())
-            if extra is None:
-                if dist.get_rank() == 0:
-                    log.info("loaded model weights from %s (model-only): step 0, fresh optimizer", path)
-                return
-            self.step = extra["step"]
-            self.scheduler.load_state_dict(extra["scheduler"])
-            self.batches.load_state_dict(extra["data"])
+        """Resume from this stage's own `latest` (verified); else start from `init_from` (the previous
+        stage's checkpoint: weights, and optimizer state unless the stage is fresh), else from
+        checkpoint.load. A model-only checkpoint (e.g. converted from Hugging Face) starts at step 0."""
+        own = checkpoint.latest(self.ckpt_root)
+        path = self.checkpointer.resume_path("" if own else (self.init_from or self.cfg.checkpoint.load))
+        if not path:
+            return
+        keys = checkpoint.keys_of(path)
+        if not own and self.init_from:  # a new stage: the previous stage's weights, matched by name
+            optimizer = None if self.fresh_optimizer else self.optimizer
+            extra = checkpoint.load(path, self.model, optimizer, {"step": 0}, verify=False, strict=False)
+            self.step = extra["step"] if extra else 0
             if dist.get_rank() == 0:
-                log.info("resumed from %s at step %d", path, self.step)
+                log.info("stage %s starts at step %d from %s%s", self.stage_name, self.step, path,
+                         " (fresh optimizer)" if self.fresh_optimizer else "")
+            return
+        legacy = "extra.data.samples_consumed" in keys
+        saved_dp = 0 if legacy else checkpoint.load_value(path, "extra.data_dp_size")
+        template = {"step": 0, "data": self.loader.state_dict()} if legacy else self.state_extra(saved_dp)
+        extra = self.checkpointer.load(path, self.model, self.optimizer, template)
+        if extra is None:
+            if dist.get_rank() == 0:
+                log.info("loaded model weights from %s (model-only): step 0, fresh optimizer", path)
+            return
+        self.step = extra["step"]
+        self._load_data_state(extra, legacy, saved_dp)
+        if dist.get_rank() == 0:
+            log.info("resumed from %s at step %d", path, self.step)
 
     # -- one step ----------------------------------------------------------------------------
-    def forward_backward(self, batch: dict) -> torch.Tensor:
-        """Summed cross-entropy of one micro-batch; backward of its share of the mean loss."""
-        # context parallel: keep this rank's chunks i and 2cp-1-i of each row (T/cp tokens) and their
-        # global positions for RoPE (parallel/context.py); unchanged, positions None, when cp == 1
-        batch = cp_shard_batch(batch, self.mesh)
-        positions = batch["positions"].to(self.device) if "positions" in batch else None  # (T/cp,)
-        tokens = batch["input_ids"].to(self.device)  # (B, T/cp)
-        labels = batch["labels"].to(self.device)  # (B, T/cp)
-        logits = self.model(tokens, positions=positions, document_ids=batch["document_ids"].to(self.device))
-        loss_sum = self.loss_fn(logits, labels)
-        # the LOCAL token count: FSDP then averages gradients over dp x cp, which gives the global mean
-        local_tokens = self.n_micro * labels.numel()
-        (loss_sum / local_tokens).backward()
+    def next_batch(self, loader=None) -> dict:
+        """The next micro-batch: read (timed: the data wait), prepared by the objective, split over cp."""
+        start = time.perf_counter()
+        batch = (loader or self.loader).next_batch()
+        self.data_wait += time.perf_counter() - start
+        batch = self.objective.prepare(batch)
+        batch = cp_shard_batch(batch, self.mesh, self.objective.sequence_keys, self.family.plan.causal)
+        return _to(batch, self.device)
+
+    def global_count(self, batches: list[dict]) -> torch.Tensor:
+        """N: the loss terms of the whole global batch (one all-reduce of a scalar over dp x cp)."""
+        count = torch.stack([self.objective.count(b).to(self.device, torch.float64) for b in batches]).sum()
+        return all_reduce(count, self.mesh, "loss")
+
+    def forward_backward(self, batch: dict, scale: float) -> torch.Tensor:
+        """Loss sum of one micro-batch; backward of loss_sum * scale (scale = dp*cp / N)."""
+        args, kwargs = self.objective.inputs(batch)
+        output = self.model(*args, **kwargs)
+        loss_sum = self.objective.loss(output, batch, self.model)
+        (loss_sum * scale).backward()
         return loss_sum.detach()
 
     def train_step(self) -> dict[str, float]:
         start = time.perf_counter()
-        loss_sum = torch.zeros((), device=self.device)
+        self.data_wait = 0.0
+        batches = [self.next_batch() for _ in range(self.n_micro)]
+        count = self.global_count(batches)
+        # FSDP divides the summed gradients by its dp x cp ranks; this undoes it and divides by N
+        scale = self.dims.dp * self.dims.cp / count.clamp(min=1).item()
         if self.pipeline is not None:  # PP: the schedule runs every micro-batch through this rank's stages
-            loss_sum = self.pipeline.step([self.batches.next_batch() for _ in range(self.n_micro)], self.cfg.run.dir)
+            loss_sum = self.pipeline.step(batches, scale, self.cfg.run.dir)
         else:
-            for _ in range(self.n_micro):
-                loss_sum += self.forward_backward(self.batches.next_batch())
+            loss_sum = torch.zeros((), device=self.device)
+            for batch in batches:
+                loss_sum += self.forward_backward(batch, scale)
         # global norm: DTensor shards reduced over dp/tp, squared norms summed over pp
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"), self.mesh)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = lr_at(self.step - self.schedule_start, self.cfg.train)
         # a non-finite loss or gradient norm on any rank: every rank drops this step's gradients
         skip = torch.tensor(float(not (torch.isfinite(grad_norm).all() and torch.isfinite(loss_sum).all())),
                             device=self.device)
@@ -175,31 +230,62 @@ class Trainer:
         if skip.item():
             self.skipped_steps, self.skipped_in_a_row = self.skipped_steps + 1, self.skipped_in_a_row + 1
         else:
+            set_lr(self.optimizer, lr)
             self.optimizer.step()
             self.skipped_in_a_row = 0
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        # metrics: the mean loss over all tokens of the global batch, reduced over the "loss" mesh
-        dist.all_reduce(loss_sum, group=self.mesh["loss"].get_group())
+        # metrics: the mean loss over all loss terms of the global batch, reduced over the "loss" mesh
+        all_reduce(loss_sum, self.mesh, "loss")
         elapsed = time.perf_counter() - start
-        tokens = self.cfg.train.tokens_per_step
-        tflops = self.flops_per_token * tokens / elapsed / dist.get_world_size() / 1e12
+        samples = self.cfg.train.global_batch_size
+        units = samples * self.family.units_per_sample(self.cfg)
+        tflops = self.flops_per_sample * samples / elapsed / dist.get_world_size() / 1e12
         peak = device_peak_flops()
-        return {"loss": loss_sum.item() / tokens, "lr": lr, "grad_norm": grad_norm.item(),
-                "tokens_per_s": tokens / elapsed, "tflops_per_device": tflops,
-                "mfu": tflops * 1e12 / peak if peak else None, "step_time_s": elapsed}
+        return {"loss": loss_sum.item() / max(count.item(), 1), "lr": lr, "grad_norm": grad_norm.item(),
+                f"{self.family.samples_unit}_per_s": units / elapsed, "tflops_per_device": tflops,
+                "mfu": tflops * 1e12 / peak if peak else None, "step_time_s": elapsed,
+                "data_wait_fraction": self.data_wait / elapsed}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean held-out loss (and the family's metrics) over train.eval_batches micro-batches per rank."""
+        if self.pipeline is not None:
+            raise ConfigError("train.eval_every", "evaluation under pipeline parallelism is not supported yet; "
+                                                  "set train.eval_every=0 or parallel.pp=1")
+        self.model.eval()
+        totals: dict[str, list[torch.Tensor]] = {}
+        for _ in range(self.cfg.train.eval_batches):
+            batch = self.next_batch(self.eval_loader)
+            args, kwargs = self.objective.inputs(batch)
+            output = self.model(*args, **kwargs)
+            pairs = {"loss": (self.objective.loss(output, batch, self.model), self.objective.count(batch))}
+            pairs.update(self.objective.metrics(output, batch))
+            for name, (value, n) in pairs.items():
+                acc = totals.setdefault(name, [torch.zeros((), device=self.device, dtype=torch.float64)] * 2)
+                totals[name] = [acc[0] + value.double(), acc[1] + n.double()]
+        self.model.train()
+        packed = torch.stack([v for pair in totals.values() for v in pair])
+        all_reduce(packed, self.mesh, "loss")
+        return {f"eval_{name}": (packed[2 * i] / packed[2 * i + 1].clamp(min=1)).item()
+                for i, name in enumerate(totals)}
 
     # -- the loop ----------------------------------------------------------------------------
-    def train(self) -> int:
+    def train(self, until: int | None = None) -> int:
         cfg, rank0 = self.cfg, dist.get_rank() == 0
+        until = cfg.train.steps if until is None else until
         writer = MetricsWriter(cfg.run.dir, cfg.run.tensorboard) if rank0 else None
         request = os.path.join(cfg.run.dir, "checkpoint_request")
-        bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not (rank0 and cfg.run.progress),
-                   desc="train", unit="step", dynamic_ncols=True)
-        while self.step < cfg.train.steps:
+        bar = tqdm(total=until, initial=self.step, disable=not (rank0 and cfg.run.progress),
+                   desc=self.stage_name or "train", unit="step", dynamic_ncols=True)
+        while self.step < until:
             values = self.train_step()
             values["skipped_steps"] = self.skipped_steps
+            values.update({k: v for k, v in self.loader.stats().items()})
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                values.update(self.evaluate())
+            if self.stage_name:
+                values["stage"] = self.stage_name
             if self.skipped_in_a_row >= cfg.train.max_skipped_steps:
                 message = (f"stopping at step {self.step}: {self.skipped_in_a_row} steps in a row had a non-finite "
                            f"loss or gradient norm (train.max_skipped_steps={cfg.train.max_skipped_steps}); "
@@ -210,7 +296,7 @@ class Trainer:
                 self.checkpointer.wait()
                 return NON_FINITE_EXIT_CODE
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:,.0f}")
+            bar.set_postfix(loss=f"{values['loss']:.3f}")
             if rank0:
                 writer.write(self.step, values)
                 if self.step % cfg.run.log_every == 0:
@@ -231,8 +317,35 @@ class Trainer:
         self.checkpointer.wait()
         if rank0:
             writer.close()
-            log.info("finished %d steps; checkpoint %s", self.step, path)
+            log.info("finished %d steps%s; checkpoint %s", self.step,
+                     f" of stage {self.stage_name}" if self.stage_name else "", path)
         return 0
+
+
+def run_stages(cfg: Config, dims: ParallelDims) -> int:
+    """Train a recipe: its stages in order (or the recipe itself), each resuming where it stopped."""
+    if not cfg.stages:
+        trainer = Trainer(cfg, dims)
+        trainer.maybe_resume()
+        return trainer.train()
+    previous, start = "", 0
+    for stage, stage_cfg in zip(cfg.stages, cfg.resolved_stages):
+        stage_cfg.run.dir = cfg.run.dir
+        root = os.path.join(cfg.run.dir, "checkpoints", stage.name)
+        done = checkpoint.latest(root)
+        if done and checkpoint.step_of(done) >= stage.until_step:  # finished in an earlier attempt
+            previous, start = done, stage.until_step
+            continue
+        schedule_start = start if stage.fresh_optimizer else 0
+        trainer = Trainer(stage_cfg, dims, stage.name, schedule_start, init_from=previous,
+                          fresh_optimizer=stage.fresh_optimizer)
+        trainer.maybe_resume()
+        code = trainer.train(until=stage.until_step)
+        if code:
+            return code
+        previous, start = checkpoint.latest(root), stage.until_step
+        del trainer
+    return 0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -258,9 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     dims = init_distributed(cfg.parallel)
     try:
-        trainer = Trainer(cfg, dims)
-        trainer.maybe_resume()
-        code = trainer.train()
+        code = run_stages(cfg, dims)
     except ConfigError as err:
         print(f"gigatron: {err}", file=sys.stderr)
         code = 2

@@ -146,6 +146,7 @@ class PackedBatchStream:
         documents -= documents[:, :1]  # row-relative: 0 for the document holding the first token
         self.samples_consumed += B * self.dp_size
         return {
+            "sample_index": torch.arange(first, first + B, dtype=torch.int64),  # (B,) global sample ids
             "input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),  # (B, T)
             "labels": torch.from_numpy(np.ascontiguousarray(tokens[:, 1:])),  # (B, T)
             "document_ids": torch.from_numpy(documents.astype(np.int32)),  # (B, T)
@@ -179,3 +180,55 @@ class PackedBatchStream:
                     f"{key}={value}; the global sample order depends on it, so the run would see different data"
                 )
         self.samples_consumed = int(state["samples_consumed"])
+
+
+class TokenLoader(PackedBatchStream):
+    """The `tokens` reader of `data_pipeline/loader.py`: a PackedBatchStream over one split.
+
+    Held-out split: the last `eval_fraction` of the windows (at least one) form the "eval" split and
+    the rest the "train" split; the two never share a window. Each split shuffles only its own range."""
+
+    def __init__(self, shards: TokenShards, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 seed: int, split: str = "train", eval_fraction: float = 0.0):
+        super().__init__(shards, seq_len, micro_batch_size, dp_rank, dp_size, seed)
+        total = self.num_samples
+        n_eval = min(total - 1, max(1, int(total * eval_fraction))) if eval_fraction > 0 else 0
+        self.first_window = total - n_eval if split == "eval" else 0
+        self.num_samples = n_eval if split == "eval" else total - n_eval
+        if self.num_samples < 1:
+            raise ValueError(f"the {split} split of {shards} has no window of seq_len {seq_len}")
+        self.seed = seed + (7919 if split == "eval" else 0)  # the eval split has its own order
+        self._permutation = FeistelPermutation(self.num_samples, self.seed, epoch=0)
+
+    def window_index(self, global_sample: int) -> int:
+        return self.first_window + super().window_index(global_sample)
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+
+def build_token_loader(cfg, split: str, dp_rank: int, dp_size: int) -> TokenLoader:
+    """The "tokens" reader. If the shards are missing, global rank 0 tokenizes the recipe's sources
+    (data.sources) first while the other ranks wait for the finished shards to appear: a file wait,
+    not a collective, so a long tokenization never runs into a process-group timeout."""
+    import os
+    import time
+
+    t, d = cfg.train, cfg.data
+    ready = d.path + ".json"  # written last by the shard writer
+    if not os.path.exists(ready):
+        if int(os.environ.get("RANK", "0")) == 0:
+            from gigatron.data_pipeline.prepare import prepare_text
+
+            prepare_text(d.sources, d.path, d.tokenizer, max_bytes=int(d.max_mb * 1e6) or None)
+        while not os.path.exists(ready):
+            time.sleep(0.5)
+    shards = TokenShards(d.path)
+    vocab = getattr(cfg.model, "vocab_size", None)
+    if vocab is not None and shards.vocab_size > vocab:
+        from gigatron.core.config_loader import ConfigError
+
+        raise ConfigError("model.vocab_size", f"{vocab} is smaller than the data's vocabulary "
+                          f"({shards.vocab_size}, {d.path}); raise it or use a matching data.tokenizer")
+    return TokenLoader(shards, t.seq_len, t.micro_batch_size, dp_rank, dp_size, t.seed,
+                       split=split, eval_fraction=d.eval_fraction)

@@ -20,6 +20,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from gigatron.core.family import blocks_of
+
 _aten = torch.ops.aten
 SAVE = {
     _aten.mm.default,
@@ -45,7 +47,7 @@ def _checkpointed(forward, context_fn, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
 
-def apply_ac(model: nn.Module, mesh: DeviceMesh | None, cfg) -> nn.Module:
+def apply_ac(model: nn.Module, mesh: DeviceMesh | None, cfg, plan) -> nn.Module:
     """Wrap every block's forward per cfg.parallel.activation_checkpoint ("none", "full", "selective").
     Input/output placements are unchanged (whatever the block takes and returns)."""
     mode = cfg.parallel.activation_checkpoint
@@ -54,6 +56,6 @@ def apply_ac(model: nn.Module, mesh: DeviceMesh | None, cfg) -> nn.Module:
     from torch.utils.checkpoint import noop_context_fn
 
     context_fn = _selective_context if mode == "selective" else noop_context_fn
-    for block in model.layers.values():
+    for block in blocks_of(model, plan).values():
         block.forward = functools.partial(_checkpointed, block.forward, context_fn)
     return model

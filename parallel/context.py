@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from gigatron.core.family import blocks_of, module_at
 from gigatron.kernels.attention import attention
 from gigatron.parallel.comm import all_gather_dim0, reduce_scatter_dim0
 
@@ -42,29 +43,34 @@ CP_DIM = "cp"
 
 # -- the batch side ------------------------------------------------------------------------------
 
-def cp_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
-    """Global positions (T/cp,) held by cp rank `rank`: chunks rank and 2*cp-1-rank of 2*cp."""
+def cp_positions(seq_len: int, cp: int, rank: int, device=None, causal: bool = True) -> torch.Tensor:
+    """Global positions (T/cp,) held by cp rank `rank`. Causal: chunks rank and 2*cp-1-rank of 2*cp
+    (every rank then does the same work under the mask). Bidirectional: the rank's contiguous T/cp
+    (every key is visible to every query, so any split balances)."""
+    if not causal:
+        c = seq_len // cp
+        return torch.arange(rank * c, (rank + 1) * c, device=device)
     c = seq_len // (2 * cp)  # chunk length
     first, second = rank * c, (2 * cp - 1 - rank) * c
     return torch.cat([torch.arange(first, first + c, device=device),
                       torch.arange(second, second + c, device=device)])  # (T/cp,)
 
 
-def cp_shard_batch(batch: dict, mesh: DeviceMesh) -> dict:
-    """This cp rank's part of a batch of (B, T) tensors, plus "positions" (T/cp,). Unchanged at cp 1.
-    Document ids keep their (per-row) values, so kv segment ids gathered from other ranks compare
-    correctly with the local ones."""
-    cp = mesh[CP_DIM].size()
-    if cp == 1:
-        return batch
-    rank = mesh[CP_DIM].get_local_rank()
-    out = {}
-    for key, x in batch.items():
-        B, T = x.shape[:2]
-        chunks = x.view(B, 2 * cp, T // (2 * cp), *x.shape[2:])  # (B, 2cp, T/2cp)
-        out[key] = chunks[:, [rank, 2 * cp - 1 - rank]].reshape(B, T // cp, *x.shape[2:])  # (B, T/cp)
-    T = next(iter(batch.values())).shape[1]
-    out["positions"] = cp_positions(T, cp, rank, device=next(iter(batch.values())).device)
+def cp_shard_batch(batch: dict, mesh: DeviceMesh, keys: tuple[str, ...], causal: bool = True) -> dict:
+    """This cp rank's part of the batch: the fields named in `keys` ((B, T, ...) each) keep the rank's
+    T/cp positions (`cp_positions`), the other fields stay whole, and "positions" (T/cp,) gives the
+    global positions of the local tokens (the plain arange (T,) at cp 1). Document ids keep their
+    (per-row) values, so kv segment ids gathered from other ranks compare correctly with local ones."""
+    cp, rank = mesh[CP_DIM].size(), mesh[CP_DIM].get_local_rank()
+    some = batch[keys[0]]
+    T = some.shape[1]
+    positions = cp_positions(T, cp, rank, device=some.device, causal=causal) if cp > 1 else \
+        torch.arange(T, device=some.device)
+    out = dict(batch)
+    if cp > 1:
+        for key in keys:
+            out[key] = batch[key].index_select(1, positions)  # (B, T/cp, ...)
+    out["positions"] = positions
     return out
 
 
@@ -144,15 +150,22 @@ class ContextParallelAttention(nn.Module):
                          q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, backend=self.backend)
 
 
-def apply_cp(model: nn.Module, mesh: DeviceMesh, cfg) -> nn.Module:
-    """Replace every block's `attention.core` (an AttentionCore) by a ContextParallelAttention over
-    mesh["cp"], in place; parameter names are unchanged (the core has no parameters). A no-op at cp 1.
-    The batch must then be sharded with `cp_shard_batch` (the trainer and the pipeline do it)."""
+def apply_cp(model: nn.Module, mesh: DeviceMesh, cfg, plan) -> nn.Module:
+    """Replace the self-attention cores the family's plan lists (`plan.cp_attention`, paths inside
+    each block; AttentionCore instances) by ContextParallelAttention over mesh["cp"], in place. Any
+    other attention, e.g. cross-attention to text tokens that every cp rank holds whole, stays local.
+    Parameter names are unchanged (cores have no parameters). A no-op at cp 1. The batch must then be
+    sharded with `cp_shard_batch` (the trainer and the pipeline do it)."""
     if mesh[CP_DIM].size() == 1:
         return model
-    for block in model.layers.values():
-        core = block.attention.core
-        block.attention.core = ContextParallelAttention(core.causal, core.backend, mesh, cfg.parallel.cp_mode)
-    if len(model.layers):
-        log.info("context parallel: %s", next(iter(model.layers.values())).attention.core.extra_repr())
+    swapped = None
+    for block in blocks_of(model, plan).values():
+        for path in plan.cp_attention:
+            parent_path, _, attr = path.rpartition(".")
+            parent = module_at(block, parent_path) if parent_path else block
+            core = getattr(parent, attr)
+            swapped = ContextParallelAttention(core.causal, core.backend, mesh, cfg.parallel.cp_mode)
+            setattr(parent, attr, swapped)
+    if swapped is not None:
+        log.info("context parallel: %s", swapped.extra_repr())
     return model

@@ -27,6 +27,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from gigatron.core.config import ParallelConfig
+from gigatron.core.family import blocks_of
 
 
 def fsdp_mesh(mesh: DeviceMesh, cfg: ParallelConfig) -> DeviceMesh:
@@ -35,11 +36,11 @@ def fsdp_mesh(mesh: DeviceMesh, cfg: ParallelConfig) -> DeviceMesh:
     return mesh["fsdp_shard"]
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, param_dtype: torch.dtype) -> nn.Module:
-    """Wrap each transformer block, then the root (embedding, final norm, output)."""
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, param_dtype: torch.dtype, plan) -> nn.Module:
+    """Wrap each of the family's blocks, then the root (embedding, final norm, output, ...)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     dp_mesh = fsdp_mesh(mesh, cfg)
-    blocks = list(model.layers.values())
+    blocks = list(blocks_of(model, plan).values())
     for i, block in enumerate(blocks):
         # The last block's weights are needed at once by backward: never reshard it.
         reshard = cfg.reshard_after_forward and i < len(blocks) - 1

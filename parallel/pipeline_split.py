@@ -12,19 +12,12 @@ the S % C extra slots go to interior chunks, spread evenly (the ends already car
 then the two ends give back `fewer` layers. 405B: 126 layers, pp 16, v 8, fewer 1 -> S = 128 = C:
 every chunk one layer, chunk 0 only the embedding, chunk 127 only norm + output + loss.
 
-The cost model counts training FLOPs per token (forward + backward = 3x forward), the same
-convention as `gigatron.core.metrics.flops_per_token`: a block 6 * its weights plus attention
-12 * dim * seq_len; the output projection 6 * dim * vocab plus the softmax/cross-entropy ~10 * vocab;
-the embedding is a lookup (forward gather, backward scatter-add: ~2 * dim). Pure Python: `gigatron
-plan` and `validate()` use it without torch.distributed.
+Costs come from the model family's plan (core/family.py: training FLOPs of one block, of the
+first-stage and of the last-stage modules). Pure Python: `gigatron plan` and `validate()` use it
+without torch.distributed.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from gigatron.core.config import ModelConfig
 
 
 def assign_layers(n_layers: int, pp: int, virtual_stages: int, fewer: int) -> list[list[int]]:
@@ -76,40 +69,31 @@ def theoretical_bubble(pp: int, virtual_stages: int, micro_batches: int) -> floa
     return (pp - 1) / (virtual_stages * micro_batches + pp - 1)
 
 
-# -- cost model (training FLOPs per token) ------------------------------------------------------
-def layer_flops(cfg: ModelConfig, seq_len: int) -> float:
-    kv = cfg.n_kv_heads * cfg.head_dim
-    weights = 2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv + 3 * cfg.dim * cfg.ffn_dim
-    return 6 * weights + 12 * cfg.dim * seq_len
+# -- cost per chunk ----------------------------------------------------------------------------
+# The family's plan prices one block, the first-stage modules and the last-stage modules
+# (ParallelPlan.block_cost / first_cost / last_cost, training FLOPs per sample); a chunk costs the
+# sum of what it holds.
+
+def chunk_costs(costs: tuple[float, float, float], assignment: list[list[int]]) -> list[float]:
+    """Training FLOPs of each chunk; costs = (one block, first-stage modules, last-stage modules)."""
+    block, first, last = costs
+    out = [len(layers) * block for layers in assignment]
+    out[0] += first
+    out[-1] += last
+    return out
 
 
-def embedding_flops(cfg: ModelConfig) -> float:
-    return 2 * cfg.dim
-
-
-def output_flops(cfg: ModelConfig) -> float:
-    return 6 * cfg.dim * cfg.vocab_size + 10 * cfg.vocab_size
-
-
-def chunk_costs(cfg: ModelConfig, seq_len: int, assignment: list[list[int]]) -> list[float]:
-    """Training FLOPs per token of each chunk, embedding and output/loss included."""
-    costs = [len(layers) * layer_flops(cfg, seq_len) for layers in assignment]
-    costs[0] += embedding_flops(cfg)
-    costs[-1] += output_flops(cfg)
-    return costs
-
-
-def describe(cfg: ModelConfig, seq_len: int, pp: int, virtual_stages: int, fewer: int) -> list[dict]:
+def describe(costs: tuple[float, float, float], n_blocks: int, pp: int, virtual_stages: int, fewer: int,
+             first_name: str = "embedding", last_name: str = "output+loss") -> list[dict]:
     """One row per chunk for `gigatron plan`: owner, layer range, extras, cost in layers."""
-    assignment = assign_layers(cfg.n_layers, pp, virtual_stages, fewer)
-    per_layer = layer_flops(cfg, seq_len)
+    assignment = assign_layers(n_blocks, pp, virtual_stages, fewer)
     rows = []
-    for c, (layers, cost) in enumerate(zip(assignment, chunk_costs(cfg, seq_len, assignment))):
+    for c, (layers, cost) in enumerate(zip(assignment, chunk_costs(costs, assignment))):
         rank, virtual = chunk_owner(c, pp)
-        extras = (["embedding"] if c == 0 else []) + (["output+loss"] if c == len(assignment) - 1 else [])
+        extras = ([first_name] if c == 0 else []) + ([last_name] if c == len(assignment) - 1 else [])
         rows.append({"chunk": c, "rank": rank, "virtual_stage": virtual,
                      "layers": [layers[0], layers[-1]] if layers else [], "n_layers": len(layers),
-                     "extras": extras, "cost_in_layers": round(cost / per_layer, 3)})
+                     "extras": extras, "cost_in_layers": round(cost / costs[0], 3)})
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Tensor and sequence parallelism for the Llama block (Megatron-LM, Shoeybi et al. 2019; sequence
+"""Tensor and sequence parallelism (Megatron-LM, Shoeybi et al. 2019; sequence
 parallel: Korthikanti et al. 2022), written as DTensor parallel styles, as torchtitan does.
 
 Why DTensor styles rather than hand-written collectives: parameters become DTensors with a global
@@ -7,27 +7,10 @@ the global layout and reshards a checkpoint across tp/dp changes for free, and s
 shapes stay those of the single-device model (the vocabulary keeps its true size even when tp does
 not divide it: DTensor shards it unevenly, torch.chunk style, so no padding row ever exists).
 
-The plan, per block (SP = sequence_parallel; "a" = activation (B, T, dim), T/tp under SP):
-| module              | style                    | input -> output placements | fwd / bwd collective      |
-| attention_norm      | SequenceParallel         | Shard(1) -> Shard(1)        | - / -                     |
-| attention (input)   | PrepareModuleInput       | Shard(1) -> Replicate       | all-gather / reduce-scatter |
-| wq, wk, wv          | ColwiseParallel          | Replicate -> Shard(-1)      | - / (summed as Partial)   |
-| wk, wv (Hkv < tp)   | ReplicatedKV             | Replicate -> local kv head  | - / all-reduce of weight grad |
-| wo                  | RowwiseParallel          | Shard(-1) -> Shard(1)       | reduce-scatter / all-gather |
-| ffn_norm            | SequenceParallel         | Shard(1) -> Shard(1)        | - / -                     |
-| feed_forward (input)| PrepareModuleInput       | Shard(1) -> Replicate       | all-gather / reduce-scatter |
-| w1, w3              | ColwiseParallel          | Replicate -> Shard(-1)      | - / -                     |
-| w2                  | RowwiseParallel          | Shard(-1) -> Shard(1)       | reduce-scatter / all-gather |
-and for the whole model:
-| tok_embeddings      | RowwiseParallel (vocab)  | Replicate ids -> Shard(1)   | reduce-scatter / all-gather |
-| norm                | SequenceParallel         | Shard(1) -> Shard(1)        | - / -                     |
-| output              | ColwiseParallel (vocab)  | Shard(1) -> Shard(-1) logits| all-gather / reduce-scatter |
-| loss                | vocab_parallel_cross_entropy | Shard(-1) logits -> scalar | 3 all-reduces of (B*T,) / - |
-Without SP, Shard(1) reads Replicate, the norms are replicated (`ReplicateParallel`), and the
-row-parallel outputs and the column-parallel input gradients are all-reduced instead.
-
-RoPE stays global under SP: the model computes cos/sin from `positions` on the (B, T) token ids,
-before the embedding shards the sequence, and attention sees all T tokens after its all-gather.
+A family's plan (core/family.py ParallelPlan.tp_model / tp_block, e.g. parallel/plans/llama3.py)
+is a literal table {module path: style}; `apply_tp` applies it to the top level and to every block.
+This file holds the generic styles the tables use beyond torch's (`ReplicateParallel`,
+`ReplicatedKV`), the gradient-layout hook, and the vocabulary-parallel cross-entropy.
 """
 
 from __future__ import annotations
@@ -37,12 +20,14 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                               SequenceParallel, parallelize_module)
+from torch.distributed.tensor.parallel import parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from gigatron.core.family import blocks_of, module_at
 from gigatron.kernels.cross_entropy import cross_entropy_sum
 from gigatron.parallel.comm import all_reduce
+
+IGNORE_INDEX = -100  # a label that carries no loss (torch's convention)
 
 
 class ReplicateParallel(ParallelStyle):
@@ -84,54 +69,17 @@ class ReplicatedKV(ParallelStyle):
         return distribute_module(module, mesh, None, input_fn, output_fn)
 
 
-def block_plan(cfg) -> dict[str, ParallelStyle]:
-    """The tensor-parallel plan of one transformer block, as a literal table."""
-    m, sp = cfg.model, cfg.parallel.sequence_parallel
-    seq = Shard(1) if sp else Replicate()  # placement of the residual stream
-    norm = SequenceParallel() if sp else ReplicateParallel()
-    if m.n_kv_heads >= cfg.parallel.tp:
-        kv = ColwiseParallel()
-    else:
-        kv = ReplicatedKV(m.n_kv_heads, m.head_dim)
-    return {
-        "attention_norm": norm,
-        "attention": PrepareModuleInput(input_layouts=(seq, None, None, None, None),
-                                        desired_input_layouts=(Replicate(), None, None, None, None),
-                                        use_local_output=False),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": kv,
-        "attention.wv": kv,
-        "attention.wo": RowwiseParallel(output_layouts=seq),
-        "ffn_norm": norm,
-        "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
-                                           use_local_output=False),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w3": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=seq),
-    }
-
-
-def model_plan(cfg) -> dict[str, ParallelStyle]:
-    """Vocabulary-parallel embedding and output; the logits stay sharded on V for the loss."""
-    sp = cfg.parallel.sequence_parallel
-    seq = Shard(1) if sp else Replicate()
-    return {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
-        "norm": SequenceParallel() if sp else ReplicateParallel(),
-        "output": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False),
-    }
-
-
-def apply_tp(model: nn.Module, mesh: DeviceMesh, cfg) -> nn.Module:
-    """Parallelize `model` over mesh["tp"] in place. `cfg` is the whole Config (model + parallel).
-    Pipeline stages may have dropped tok_embeddings / norm / output (None): those are skipped."""
+def apply_tp(model: nn.Module, mesh: DeviceMesh, cfg, plan) -> nn.Module:
+    """Parallelize `model` over mesh["tp"] in place with the family's tables (`plan.tp_model(cfg)` for
+    top-level modules, `plan.tp_block(cfg)` inside every block). Pipeline stages may have dropped
+    top-level modules (None): those rows are skipped."""
     tp_mesh = mesh["tp"]
     if tp_mesh.size() == 1:
         return model
-    top = {k: v for k, v in model_plan(cfg).items() if getattr(model, k, None) is not None}
+    top = {k: v for k, v in plan.tp_model(cfg).items() if module_at(model, k) is not None}
     parallelize_module(model, tp_mesh, top)
-    for block in model.layers.values():
-        parallelize_module(block, tp_mesh, block_plan(cfg))
+    for block in blocks_of(model, plan).values():
+        parallelize_module(block, tp_mesh, plan.tp_block(cfg))
     return model
 
 
@@ -151,13 +99,15 @@ def grad_to_param_layout(param: torch.Tensor) -> None:
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy of logits sharded on V over tp, without gathering them.
-    logits (N, V/tp) fp32 local shard starting at column `offset`; labels (N,) global ids.
+    logits (N, V/tp) fp32 local shard starting at column `offset`; labels (N,) global ids, where
+    IGNORE_INDEX marks a token without a loss (0 loss, 0 gradient), as in the tp=1 path.
     Forward: all-reduce max, all-reduce sum of exp, all-reduce the target logit (each (N,) fp32).
     Backward: softmax - one_hot on the local columns, no collective."""
 
     @staticmethod
     def forward(ctx, logits, labels, offset, mesh):
         N, V_local = logits.shape
+        valid = labels != IGNORE_INDEX  # (N,)
         logits_max = logits.max(dim=-1).values.detach()  # (N,)
         all_reduce(logits_max, mesh, "tp", torch.distributed.ReduceOp.MAX)
         shifted = logits - logits_max[:, None]  # (N, V/tp)
@@ -168,15 +118,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_label = (labels - offset).clamp(0, max(V_local - 1, 0))
         target = shifted.gather(1, local_label[:, None]).squeeze(1) * in_shard  # (N,)
         all_reduce(target, mesh, "tp")
-        ctx.save_for_backward(exp.div_(sum_exp[:, None]), local_label, in_shard)
-        return sum_exp.log() - target
+        ctx.save_for_backward(exp.div_(sum_exp[:, None]), local_label, in_shard, valid)
+        return (sum_exp.log() - target) * valid
 
     @staticmethod
     def backward(ctx, grad):
-        softmax, local_label, in_shard = ctx.saved_tensors
+        softmax, local_label, in_shard, valid = ctx.saved_tensors
         grad_logits = softmax.clone()
         grad_logits[torch.arange(len(local_label), device=grad.device), local_label] -= in_shard.to(softmax.dtype)
-        return grad_logits * grad[:, None], None, None, None
+        return grad_logits * (grad * valid)[:, None], None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:

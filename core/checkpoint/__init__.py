@@ -21,10 +21,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from gigatron.core.checkpoint.manifest import MANIFEST, CheckpointError, crc32_file, verify, verify_distributed
-from gigatron.core.checkpoint.store import (COMPLETE, CONFIG, LATEST, commit, committed, latest, load, retain,
-                                            step_dir, sweep_tmp, training_state)
+from gigatron.core.checkpoint.store import (COMPLETE, CONFIG, LATEST, commit, committed, keys_of, latest, load,
+                                            load_value, retain, step_dir, step_of, sweep_tmp, training_state)
 
-__all__ = ["Checkpointer", "CheckpointError", "save", "load", "latest", "committed", "verify", "step_dir",
+__all__ = ["Checkpointer", "CheckpointError", "save", "load", "load_value", "keys_of", "latest", "committed",
+           "verify", "step_dir", "step_of",
            "COMPLETE", "CONFIG", "LATEST", "MANIFEST"]
 log = logging.getLogger("gigatron")
 

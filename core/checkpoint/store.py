@@ -156,9 +156,32 @@ def keys_of(path: str) -> set[str]:
     return set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
 
 
-def load(path: str, model, optimizer, extra: dict | None, verify: bool = True) -> dict | None:
+def load_value(path: str, key: str):
+    """One saved non-tensor value by its flat key (e.g. "extra.data_dp_size"), or None if absent."""
+    if key not in keys_of(path):
+        return None
+    nested: dict = {}
+    node = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = 0
+    dcp.load(nested, checkpoint_id=path, no_dist=True)
+    for part in parts:
+        nested = nested[part]
+    return nested
+
+
+def step_of(path: str) -> int:
+    """The step number of a step folder (".../step_00000200" -> 200)."""
+    return int(os.path.basename(os.path.normpath(path)).split("_")[-1])
+
+
+def load(path: str, model, optimizer, extra: dict | None, verify: bool = True, strict: bool = True) -> dict | None:
     """Load a checkpoint in place into model/optimizer of any layout. Returns `extra` as saved, or
-    None for a model-only checkpoint (then the optimizer keeps its fresh state)."""
+    None for a model-only checkpoint (then the optimizer keeps its fresh state). strict=False (a
+    new stage of a multi-stage recipe): tensors the checkpoint lacks keep their current values
+    (modules the stage adds), tensors the model lacks are left behind (modules it drops)."""
     if verify:
         verify_distributed(path)
     keys = keys_of(path)
@@ -166,18 +189,22 @@ def load(path: str, model, optimizer, extra: dict | None, verify: bool = True) -
     state = training_state(model, optimizer if full else None, extra if full else None)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     saved_world = len({k.split(".")[1] for k in keys if k.startswith("rng.")})
-    restore_rng = saved_world == world and f"rng.{rank}.cpu" in keys
+    restore_rng = strict and saved_world == world and f"rng.{rank}.cpu" in keys
     if not restore_rng:
         state.pop("rng")
         state["rng"] = {}
     if not torch.cuda.is_available() or f"rng.{rank}.cuda" not in keys:
         state["rng"].get(str(rank), {}).pop("cuda", None)
+    if not strict:
+        state["model"] = {k: v for k, v in state["model"].items() if f"model.{k}" in keys}
+        if "optim" in state:
+            state["optim"] = _present(state["optim"], "optim", keys)
     dcp.load({k: v for k, v in state.items() if v}, checkpoint_id=path, no_dist=not dist.is_initialized())
     parts = _parts(model)
-    strict = len(parts) == 1
+    strict = strict and len(parts) == 1
     for part in parts:
         set_model_state_dict(part, state["model"], options=StateDictOptions(strict=strict))
-    if full:
+    if full and "optim" in state:
         for part, opt in zip(parts, _optimizers(optimizer, len(parts))):
             set_optimizer_state_dict(part, opt, state["optim"], options=_OPTIM)
     if restore_rng:
@@ -186,3 +213,17 @@ def load(path: str, model, optimizer, extra: dict | None, verify: bool = True) -
         if "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"])
     return state.get("extra") if full else None
+
+
+def _present(tree: dict, prefix: str, keys: set[str]) -> dict:
+    """The parts of a nested optimizer state dict whose flat keys the checkpoint holds."""
+    out = {}
+    for k, v in tree.items():
+        flat = f"{prefix}.{k}"
+        if isinstance(v, dict):
+            sub = _present(v, flat, keys)
+            if sub:
+                out[k] = sub
+        elif flat in keys or any(key.startswith(flat + ".") for key in keys):
+            out[k] = v
+    return out

@@ -31,7 +31,8 @@ import shutil
 import torch
 
 from gigatron.core.checkpoint.reader import CheckpointReader
-from gigatron.core.config import Config, ModelConfig
+from gigatron.core.config import Config
+from gigatron.core.models.llama import LlamaConfig
 from gigatron.core.convert.safetensors_io import map_file, nbytes, write_streaming
 
 TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -70,7 +71,7 @@ def _order(name: str) -> tuple:
     return (1, int(m.group(1)), name) if m else ({"tok_embeddings.weight": 0, "norm.weight": 2}.get(name, 3), 0, name)
 
 
-def hf_config(m: ModelConfig, dtype: torch.dtype, bos: int = LLAMA3_BOS, eos: int = LLAMA3_EOS) -> dict:
+def hf_config(m: LlamaConfig, dtype: torch.dtype, bos: int = LLAMA3_BOS, eos: int = LLAMA3_EOS) -> dict:
     dtype_name = str(dtype).removeprefix("torch.")
     rope = {"rope_type": "default", "rope_theta": m.rope_theta}
     scaling = None
@@ -93,7 +94,7 @@ def hf_config(m: ModelConfig, dtype: torch.dtype, bos: int = LLAMA3_BOS, eos: in
     }
 
 
-def model_config_from_hf(hf: dict) -> ModelConfig:
+def model_config_from_hf(hf: dict) -> LlamaConfig:
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type") == "llama3" else None)
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
@@ -102,7 +103,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
                          f"head_dim = dim / n_heads")
     if hf.get("tie_word_embeddings"):
         raise ValueError("tied embeddings are not supported by gigatron's Llama (output.weight is separate)")
-    m = ModelConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+    m = LlamaConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
                     n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                     ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"], norm_eps=hf["rms_norm_eps"],
                     rope_theta=hf.get("rope_theta") or rope.get("rope_theta", 10000.0),
@@ -121,7 +122,7 @@ def to_hf(ckpt: str, out: str, max_shard_bytes: int = 5 * 10**9, dtype: torch.dt
     dtype: cast on the way (default: as stored, fp32 for training checkpoints)."""
     with open(os.path.join(ckpt, "config.json")) as f:
         recipe = json.load(f)
-    m = ModelConfig(**recipe["model"])
+    m = LlamaConfig(**recipe["model"])
     reader = CheckpointReader(ckpt)
     names = sorted((k[len("model."):] for k in reader.keys("model.")), key=_order)
     entries = [(to_hf_name(n), reader.shape("model." + n), dtype or reader.dtype("model." + n)) for n in names]
@@ -189,7 +190,7 @@ def from_hf(hf_dir: str, ckpt: str, tokenizer: str = "llama3") -> dict:
     return {"tensors": len(model)}
 
 
-def _expected(m: ModelConfig):
+def _expected(m: LlamaConfig):
     with torch.device("meta"):
         from gigatron.core.models.llama import Llama
 

@@ -19,14 +19,45 @@ Shapes: B batch, T tokens (local), H query heads, Hkv key/value heads, D head di
 from __future__ import annotations
 
 import math
-import zlib
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gigatron.core.config import ModelConfig
 from gigatron.core.models.attention import AttentionCore
+
+
+@dataclass
+class LlamaConfig:
+    """The `model:` section of a llama3 recipe. Defaults are Llama 3 8B."""
+
+    name: Literal["llama3"] = "llama3"    # the model family (core/family.py)
+    dim: int = 4096                       # model width d
+    n_layers: int = 32                    # transformer blocks
+    n_heads: int = 32                     # query heads
+    n_kv_heads: int = 8                   # key/value heads (GQA); must divide n_heads
+    ffn_dim: int = 14336                  # SwiGLU hidden width
+    vocab_size: int = 128256              # Llama 3: 128,000 BPE + 256 special tokens
+    norm_eps: float = 1e-5                # RMSNorm epsilon
+    rope_theta: float = 500000.0          # RoPE base frequency (Llama 3)
+    rope_scaling: bool = True             # apply Llama 3.1's "llama3" frequency scaling
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192     # context the unscaled frequencies were trained for
+    max_seq_len: int = 131072             # longest position the RoPE table covers
+    document_mask: bool = True            # no attention across documents of a packed sequence
+    attention_backend: Literal["auto", "sdpa", "triton", "torch"] = "auto"  # auto: triton on GPU, SDPA on CPU
+    init_std: float = 0.02                # std of the normal init of projections
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+ModelConfig = LlamaConfig  # the name older code and tests import
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -142,27 +173,9 @@ class Llama(nn.Module):
         return self.output(h) if self.output is not None else h
 
     @torch.no_grad()
-    def init_weights(self, seed: int, place=lambda full, param: full) -> None:
-        """Deterministic init, identical for any parallel layout: see `initial_value`. `place`
-        turns the full initial tensor into this rank's part (gigatron.parallel passes one)."""
+    def reset_buffers(self) -> None:
+        """Recompute the non-parameter state (after `to_empty` on a model built on meta)."""
         self.rope_inv_freq.copy_(rope_inv_freq(self.cfg).to(self.rope_inv_freq.device))
-        for name, param in self.named_parameters():
-            param.copy_(place(initial_value(self.cfg, name, param.shape, seed).to(param.dtype), param))
-
-
-def initial_value(cfg: ModelConfig, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
-    """The full initial tensor of parameter `name`, drawn from a generator seeded by (seed, name).
-
-    Seeding by name makes a parameter's value independent of the layout and of the order in which
-    ranks initialise, so every tp/pp/dp split starts from the same model. Norms start at 1; output
-    projections of residual branches (wo, w2) are scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
-    if name.endswith("norm.weight"):
-        return torch.ones(shape)
-    std = cfg.init_std
-    if name.endswith(("wo.weight", "w2.weight")):
-        std /= math.sqrt(2 * cfg.n_layers)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.randn(shape, generator=gen) * std
 
 
 def count_parameters(cfg: ModelConfig) -> int:

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from gigatron.core.checkpoint.reader import CheckpointReader
-from gigatron.core.config import ModelConfig
+from gigatron.core.models.llama import LlamaConfig
 from gigatron.core.convert.hf import from_hf, to_hf
 from gigatron.core.models.llama import Llama
 from gigatron.core.train import main as train_main
@@ -46,7 +46,7 @@ def converted(tmp_path_factory):
 
 def _gigatron_model(ckpt: str) -> Llama:
     with open(os.path.join(ckpt, "config.json")) as f:
-        model = Llama(ModelConfig(**json.load(f)["model"]))
+        model = Llama(LlamaConfig(**json.load(f)["model"]))
     reader = CheckpointReader(ckpt)
     model.load_state_dict({k[len("model."):]: reader.read(k) for k in reader.keys("model.")}, strict=False)
     return model.eval()

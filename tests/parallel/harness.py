@@ -38,11 +38,13 @@ def full_params(model) -> dict:
 
 
 def train_run(rank: int, world_size: int, overrides: list[str], data_dir: str, steps: int = 5) -> dict:
-    """Train `steps` steps; every rank returns its losses, rank 0 also the full final parameters."""
+    """Train `steps` steps; every rank returns its losses and gradient norms (before clipping),
+    rank 0 also the full final parameters."""
     trainer = build_trainer(world_size, overrides, data_dir)
-    losses = [trainer.train_step()["loss"] for _ in range(steps)]
+    values = [trainer.train_step() for _ in range(steps)]
     params = full_params(trainer.model)
-    return {"losses": losses, "params": params if rank == 0 else None}
+    return {"losses": [v["loss"] for v in values], "grad_norms": [v["grad_norm"] for v in values],
+            "params": params if rank == 0 else None}
 
 
 def train_many(rank: int, world_size: int, runs: list[list[str]], data_dir: str) -> list[dict]:
@@ -72,7 +74,7 @@ def comm_and_memory(rank: int, world_size: int, overrides: list[str], data_dir: 
     cfg, mesh = trainer.cfg, trainer.mesh
     trainer.train_step()
     with CommRecorder(mesh) as recorder:
-        trainer.forward_backward(trainer.batches.next_batch())
+        trainer.forward_backward(trainer.next_batch(), 1.0)
     tp, tp_rank = cfg.parallel.tp, mesh["tp"].get_local_rank()
     model = trainer.model
     units = [[_tp_local_shape(p, tp, tp_rank) for p in block.parameters()] for block in model.layers.values()]
@@ -109,3 +111,36 @@ def run_jobs(rank: int, world_size: int, jobs: list[tuple[str, list[str]]], data
         result = (train_run if kind == "train" else comm_and_memory)(rank, world_size, overrides, data_dir)
         out.append(result)
     return out
+
+
+SIGNAL_RECIPE = os.path.join(ROOT, "tests/families/signal.yaml")
+
+
+def signal_run(rank: int, world_size: int, overrides: list[str], data_dir: str, steps: int = 3,
+               grad_scale: float = 1.0) -> dict:
+    """The test-only "signal" family (tests/families/signal.py) through the unchanged trainer.
+    grad_scale != 1 injects a wrong gradient scale (a test that the parity check can fail)."""
+    import tests.families.signal  # noqa: F401  registers the family and its reader
+    from gigatron.core.config import load_config
+    from gigatron.core.train import Trainer
+    from gigatron.parallel.mesh import init_distributed
+
+    cfg = load_config(SIGNAL_RECIPE, overrides, world_size=world_size)
+    cfg.run.dir = os.path.join(data_dir, "signal_" + "_".join(o.replace("=", "") for o in overrides)[:80])
+    trainer = Trainer(cfg, init_distributed(cfg.parallel))
+    if grad_scale != 1.0:
+        forward_backward = trainer.forward_backward
+        trainer.forward_backward = lambda batch, scale: forward_backward(batch, scale * grad_scale)
+    values = [trainer.train_step() for _ in range(steps)]
+    return {"losses": [v["loss"] for v in values], "grad_norms": [v["grad_norm"] for v in values]}
+
+
+def signal_many(rank: int, world_size: int, runs: list[tuple[list[str], float]], data_dir: str) -> list[dict]:
+    return [signal_run(rank, world_size, overrides, data_dir, grad_scale=scale) for overrides, scale in runs]
+
+
+def relative_errors(ref: dict, got: dict) -> tuple[float, float]:
+    """(max relative loss difference, max relative gradient-norm difference) over the steps."""
+    loss = max(abs(a - b) / abs(a) for a, b in zip(ref["losses"], got["losses"]))
+    norm = max(abs(a - b) / abs(a) for a, b in zip(ref["grad_norms"], got["grad_norms"]))
+    return loss, norm
