@@ -1,7 +1,9 @@
 """Attention forward+backward throughput: gigatron kernels vs torch SDPA (and flash-attn when installed).
 
 GPU (torch.cuda.is_available()): bf16, head dim 128, sequence 8K..73K, causal and bidirectional;
-    ours = the Triton kernels (`attention(..., backend="triton")`), baselines = SDPA's flash backend and
+    ours = the Triton kernels (`attention(..., backend="triton")`; also with deterministic=True, the
+    fixed configs, and with explicit arange positions as the engine passes them, which must take the
+    same diagonal fast path), baselines = SDPA's flash backend and
     flash-attn's `flash_attn_func` if importable.
 CPU: fp32, small shapes; ours = the pure-PyTorch path (`backend="torch"`), baselines = SDPA's math
     backend and SDPA's default CPU kernel. (The Triton interpreter is far too slow to time.)
@@ -65,7 +67,14 @@ def make_impls(device):
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
+        def engine_positions(q, k, v, c):  # what core/models/attention.py passes: positions = arange(T)
+            pos = torch.arange(q.shape[2], device=q.device)  # a new tensor per call: the range check syncs
+            return attention(q, k, v, causal=c, q_positions=pos, kv_positions=pos, backend="triton")
+
         impls = {"ours (triton)": ("bhtd", lambda q, k, v, c: attention(q, k, v, causal=c, backend="triton")),
+                 "ours (triton, deterministic)": ("bhtd", lambda q, k, v, c: attention(
+                     q, k, v, causal=c, backend="triton", deterministic=True)),
+                 "ours (triton, engine positions)": ("bhtd", engine_positions),
                  "sdpa flash": ("bhtd", sdpa_flash)}
         try:
             from flash_attn import flash_attn_func
@@ -138,7 +147,7 @@ def main(argv=None):
         for T in args.seqs:
             row = bench_shape(impls, args.batch, args.heads, T, args.head_dim, causal, dtype, device,
                               args.warmup, args.reps)
-            best = max((r["tflops"] for n, r in row.items() if n != ours and "tflops" in r), default=None)
+            best = max((r["tflops"] for n, r in row.items() if not n.startswith("ours") and "tflops" in r), default=None)
             ratio = row[ours]["tflops"] / best if best and "tflops" in row[ours] else None
             cells = " ".join(f"{r['tflops']:16.4g}" if "tflops" in r else f"{'error':>16}" for r in row.values())
             print(f"{T:>7} {'causal' if causal else 'full':>6} {cells} {ratio if ratio is None else f'{ratio:10.2f}'}")

@@ -72,10 +72,11 @@ def _logits(h_c, weight, use_fp32):
 
 
 def _stats_torch(z, local):
-    m = z.max(dim=-1).values.float()  # (C,)
-    s = torch.exp(z.float() - m[:, None]).sum(-1)
+    """(m, s, t) with m = logsumexp_v z and s = 1: the same (max, sum-exp) pair up to the shift, in one
+    vectorised torch call (the combine step only needs s * exp(m - M))."""
+    m = torch.logsumexp(z.float(), dim=-1)  # (C,)
     t = torch.where(local >= 0, z.gather(1, local.clamp(min=0).long()[:, None]).squeeze(1).float(), 0.0)
-    return m, s, t
+    return m, torch.ones_like(m), t
 
 
 def _stats_triton(z, local):
@@ -88,7 +89,8 @@ def _stats_triton(z, local):
 
 
 def _grad_torch(z, local, lse, scale):
-    g = torch.exp(z.float() - lse[:, None])  # (C, V_local) fp32
+    g = z.float()  # a fresh fp32 chunk (the recomputed logits): overwritten in place
+    torch.exp(g.sub_(lse[:, None]), out=g)  # (C, V_local) softmax
     rows = torch.nonzero(local >= 0).squeeze(1)
     g[rows, local[rows].long()] -= 1.0
     return g.mul_(scale[:, None]).to(z.dtype)
