@@ -20,7 +20,9 @@ path (positions loaded, per-tile skip test). `positions_hint` says how to decide
              cached by tensor identity / version, so a step with one shared positions tensor pays one;
   "default"  the caller guarantees positions are arange(T) / arange(S): fast path, no check, no sync
              (the engine's single-device self-attention: positions = arange(T));
-  "explicit" always the data-driven path.
+  "explicit" always the data-driven path;
+  an int     the caller guarantees ranges with q0 - k0 = that int: fast path, no sync (ring context
+             parallelism knows each block's start on the host).
 deterministic=True (the engine drives it from config for bitwise resume): no autotune; one fixed,
 documented block config per (head dim, dtype) (`attention_triton_kernels.DETERMINISTIC_CONFIGS`),
 so the accumulation order is the same in every run and process. The torch backend is deterministic
@@ -45,7 +47,7 @@ import logging
 import torch
 
 from .attention_reference import attention_backward_reference, attention_forward_reference
-from .attention_triton import (POSITION_HINTS, attention_backward_triton, attention_forward_triton, interpret_mode,
+from .attention_triton import (attention_backward_triton, check_positions_hint, attention_forward_triton, interpret_mode,
                                triton_available)
 
 __all__ = ["AttentionFunction", "attention", "attention_forward", "attention_backward", "merge_partials",
@@ -94,8 +96,7 @@ def _drop_default_positions(positions_hint, kw):
     """The reference computes the same mask whatever the hint (it is a kernel-selection hint); with
     "default" the caller vouches that positions are the default aranges, so they are not even read.
     The reference is deterministic for fixed shapes, so `deterministic` changes nothing there."""
-    if positions_hint not in POSITION_HINTS:
-        raise ValueError(f"positions_hint must be one of {POSITION_HINTS}, got {positions_hint!r}")
+    check_positions_hint(positions_hint)
     if positions_hint == "default":
         kw["q_positions"] = kw["kv_positions"] = None
 

@@ -25,7 +25,7 @@ import torch
 from .attention_reference import check_inputs
 
 __all__ = ["attention_forward_triton", "attention_backward_triton", "triton_available", "interpret_mode",
-           "plan_mask", "seq_bucket", "kernel_stats", "last_config", "reset_kernel_stats", "POSITION_HINTS"]
+           "plan_mask", "check_positions_hint", "seq_bucket", "kernel_stats", "last_config", "reset_kernel_stats", "POSITION_HINTS"]
 
 # Block sizes used under the interpreter (on GPU the kernels autotune). 32 keeps tiny test shapes
 # multi-tile, so ragged tails and tile skipping are exercised.
@@ -101,6 +101,7 @@ def _range_start(pos):
         ok = ((rows == first + torch.arange(rows.shape[-1], device=rows.device)).all()
               & (first == first[0, 0]).all())
         ok_flag, first_value = torch.stack([ok.long(), first[0, 0]]).tolist()  # the one sync
+        kernel_stats[("range_check", "host_sync")] += 1
         start = int(first_value) if ok_flag else None
     if key:
         if len(_RANGE_CACHE) > 256:
@@ -110,6 +111,11 @@ def _range_start(pos):
 
 
 _RANGE_CACHE: dict = {}
+
+
+def check_positions_hint(positions_hint):
+    if not (positions_hint in POSITION_HINTS or (isinstance(positions_hint, int) and not isinstance(positions_hint, bool))):
+        raise ValueError(f"positions_hint must be one of {POSITION_HINTS} or an int offset, got {positions_hint!r}")
 
 
 def plan_mask(causal, q_positions, kv_positions, q_segment_ids, kv_segment_ids, positions_hint="auto"):
@@ -122,15 +128,18 @@ def plan_mask(causal, q_positions, kv_positions, q_segment_ids, kv_segment_ids, 
                     "default"  -> the caller guarantees the positions are arange(T) / arange(S) (or None):
                                   fast path with offset 0, no check, no sync;
                     "explicit" -> always the data-driven path (positions loaded, per-tile skip test).
+                    an int     -> the caller guarantees contiguous ranges with q0 - k0 = that int (context
+                                  parallelism knows its chunk starts on the host): fast path, no sync.
     Variants: "dense" (no mask), "causal_diag" (diagonal loop bounds), "causal_diag_segments" (diagonal
     bounds + segment skip test), "segments" (bidirectional, segment skip test), "positions" (explicit
     positions, optionally with segments: data-driven skip test)."""
-    if positions_hint not in POSITION_HINTS:
-        raise ValueError(f"positions_hint must be one of {POSITION_HINTS}, got {positions_hint!r}")
+    check_positions_hint(positions_hint)
     has_seg = q_segment_ids is not None
     if not causal:
         return ("segments" if has_seg else "dense"), 0, None, None
-    if positions_hint == "default":
+    if isinstance(positions_hint, int):
+        offset = positions_hint
+    elif positions_hint == "default":
         offset = 0
     elif positions_hint == "explicit" and (q_positions is not None or kv_positions is not None):
         offset = None

@@ -290,7 +290,8 @@ def test_causal_fast_path_dispatch(name):
     kw = dict(causal=True, **{n: t.to(DEVICE) for n, t in kw_fn().items()})
     at.reset_kernel_stats()
     (q, k, v, dout), out, lse, grads = _run_both(kw)
-    assert at.kernel_stats == {("fwd", want): 1, ("dkdv", want): 1, ("dq", want): 1}, at.kernel_stats
+    assert {key: n for key, n in at.kernel_stats.items() if key[0] != "range_check"} == {
+        ("fwd", want): 1, ("dkdv", want): 1, ("dq", want): 1}, at.kernel_stats
     out_r, lse_r = attention_forward_reference(q, k, v, **kw)
     _close("out", out, out_r, FWD_TOL)
     fin = torch.isfinite(lse_r)
@@ -321,12 +322,32 @@ def test_positions_hint_default_and_cache():
     assert at.plan_mask(False, pos, pos, None, None, "auto")[0] == "dense"
     with pytest.raises(ValueError):
         at.plan_mask(True, pos, pos, None, None, "arange")
+    with pytest.raises(ValueError):
+        at.plan_mask(True, pos, pos, None, None, True)  # a bool is not an offset
+    # an int hint: the caller's host-side offset, trusted, no check (no sync)
+    at.reset_kernel_stats()
+    assert at.plan_mask(True, torch.arange(30, 50), torch.arange(0, 40), None, None, 30)[:2] == ("causal_diag", 30)
+    assert at.kernel_stats[("range_check", "host_sync")] == 0
     # the torch backend honours the same hint contract
     q, k, v, _ = _inputs(1, 1, 1, 40, 40, 16)
     shuffled = torch.randperm(40, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     out_d = attention_forward(q, k, v, causal=True, q_positions=shuffled, kv_positions=shuffled, backend="torch",
                               positions_hint="default")[0]
     _close("default hint == no positions", out_d, attention_forward_reference(q, k, v, causal=True)[0], 0.0)
+
+
+@requires_triton
+def test_one_range_check_per_step_across_layers():
+    """The engine passes one positions tensor to every layer: 3 layers forward + backward pay a single
+    host sync for the range check, and every kernel takes the diagonal path."""
+    q, k, v, _ = _inputs(1, 2, 2, 40, 40, 16)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    pos = torch.arange(40, device=DEVICE)
+    at.reset_kernel_stats()
+    out = sum(attention(*leaves, causal=True, q_positions=pos, kv_positions=pos, backend="triton") for _ in range(3))
+    out.sum().backward()
+    assert at.kernel_stats == {("range_check", "host_sync"): 1, ("fwd", "causal_diag"): 3,
+                               ("dkdv", "causal_diag"): 3, ("dq", "causal_diag"): 3}, at.kernel_stats
 
 
 @requires_triton
@@ -372,3 +393,19 @@ def test_deterministic_mode_fixed_config(dtype):
     # every table row is a valid tile: powers of two, >= 16 (tl.dot's minimum)
     for (name, d, cls), (bm, bn, w, st) in kern.DETERMINISTIC_CONFIGS.items():
         assert bm >= 16 and bn >= 16 and bm & (bm - 1) == 0 and bn & (bn - 1) == 0 and w in (4, 8) and st >= 1
+
+
+@requires_triton
+def test_int_positions_hint_matches_auto():
+    """A ring-CP-style block (queries 40..59, keys 16..47) with the offset given on the host: same
+    result as the checked path and the reference, no host sync."""
+    q, k, v, dout = _inputs(1, 2, 1, 20, 32, 16)
+    kw = dict(causal=True, q_positions=torch.arange(40, 60, device=DEVICE), kv_positions=torch.arange(16, 48, device=DEVICE))
+    at.reset_kernel_stats()
+    out, lse = attention_forward(q, k, v, backend="triton", positions_hint=40 - 16, **kw)
+    grads = attention_backward(dout, q, k, v, out, lse, backend="triton", positions_hint=24, **kw)
+    assert at.kernel_stats[("range_check", "host_sync")] == 0 and at.kernel_stats[("fwd", "causal_diag")] == 1
+    out_r, lse_r = attention_forward_reference(q, k, v, **kw)
+    _close("out", out, out_r, FWD_TOL)
+    for n, g, gr in zip(("dq", "dk", "dv"), grads, attention_backward_reference(dout, q, k, v, out_r, lse_r, **kw)):
+        _close(n, g, gr, GRAD_TOL)
