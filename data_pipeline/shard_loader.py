@@ -79,25 +79,30 @@ def _close_all() -> None:
 
 
 class _Lanes(torch.utils.data.IterableDataset):
-    """The dataset each DataLoader worker iterates: its lane's batches, with the lane state after each."""
+    """The dataset each DataLoader worker iterates: its lane's batches, with the lane state after each.
+
+    It copies what the lanes need instead of holding the loader: loader -> iterator -> dataset ->
+    loader would be a reference cycle, and a cycle collected late tears the worker queues down
+    before the iterator can stop its workers (each then waits out a 5 s join timeout)."""
 
     def __init__(self, loader: "ShardLoader", rotation: int):
-        self.loader, self.rotation = loader, rotation
+        self.rotation, self.lane_states = rotation, [dict(s) for s in loader.lane_states]
+        self.stream_args = (loader.num_shards, loader.shard_url, loader.read_shard, loader.decode, loader.seed)
+        self.buffer_size, self.epochs, self.num_labels = loader.buffer_size, loader.epochs, loader.num_labels
+        self.micro_batch_size, self.num_lanes = loader.micro_batch_size, loader.num_lanes_per_rank
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        loader = self.loader
-        worker = ((info.id if info is not None else 0) + self.rotation) % loader.num_lanes_per_rank
-        stream = LaneStream(loader.num_shards, loader.shard_url, loader.read_shard, loader.decode, loader.seed,
-                            loader.lane_states[worker], loader.buffer_size, loader.epochs)
+        worker = ((info.id if info is not None else 0) + self.rotation) % self.num_lanes
+        stream = LaneStream(*self.stream_args, self.lane_states[worker], self.buffer_size, self.epochs)
         samples = []
         for sample in stream:
             samples.append(sample)
-            if len(samples) == loader.micro_batch_size:
-                yield collate(samples, loader.num_labels), stream.state_dict(), worker
+            if len(samples) == self.micro_batch_size:
+                yield collate(samples, self.num_labels), stream.state_dict(), worker
                 samples = []
         if samples:  # the end of a finite pass: a last, partial batch
-            yield collate(samples, loader.num_labels), stream.state_dict(), worker
+            yield collate(samples, self.num_labels), stream.state_dict(), worker
 
 
 class ShardLoader:

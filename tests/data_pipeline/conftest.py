@@ -18,7 +18,16 @@ def make_cfg(path: str, B: int = 4, seed: int = 7, **data) -> SimpleNamespace:
     data.setdefault("eval_fraction", 0.0)
     data.setdefault("skip_check_after", 10)
     return SimpleNamespace(data=DataConfig(format=data.pop("format", "webdataset"), path=path, **data),
-                           train=SimpleNamespace(micro_batch_size=B, seq_len=8, seed=seed))
+                           train=SimpleNamespace(micro_batch_size=B, seq_len=8, seed=seed), model=SimpleNamespace())
+
+
+@pytest.fixture(autouse=True)
+def close_loaders():
+    """Stop every reader's worker processes at the end of each test."""
+    yield
+    from gigatron.data_pipeline.shard_loader import _close_all
+
+    _close_all()
 
 
 @pytest.fixture(scope="session")
