@@ -132,7 +132,12 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per candidate (default: %(default)s)")
     p.add_argument("--ops", nargs="*", default=None, help="subset of ops (default: all)")
     p.add_argument("--quick", action="store_true", help="quarter-size sequences / vocabulary")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch.set_num_threads (default: torch's). On a shared, busy machine use 1: "
+                        "2-thread barriers in many small ops (the chunked paths) then wait on the scheduler")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype, impl = (torch.bfloat16, "triton") if device.type == "cuda" else (torch.float32, "torch")
