@@ -1,4 +1,4 @@
-"""`gigatron prepare-images SRC OUT [--shard-size N] [--resize S]`: images -> WebDataset tar shards.
+"""`gigatron prepare-images SRC OUT [--shard-size N] [--resize S] [--mds]`: images -> WebDataset tar shards.
 
 SRC is an image folder tree (SRC/<class>/<file>.jpg|jpeg|png|webp|bmp: the class is the sub-folder,
 numbered in sorted order) or a labelled array file (.npz with "images" (N, H, W) or (N, H, W, 3)
@@ -6,7 +6,8 @@ uint8 and "labels" (N,), read without pickle). Every sample is validated (fully 
 least 1 x 1) and re-encoded as JPEG (quality 95) when --resize is given or the source is an array;
 otherwise JPEG bytes are kept as they are. Written to OUT: train-000000.tar, ... each with its
 DALI index (.tar.idx), refused.jsonl (one {"source", "reason"} per refused sample) and
-dataset.json (the shard pattern for data.path, counts, class names).
+dataset.json (the shard pattern for data.path, counts, class names). With --mds the same samples
+are also written as MDS shards (mosaicml-streaming's MDSWriter) to OUT/mds, for data.format mds.
 """
 
 from __future__ import annotations
@@ -79,7 +80,22 @@ def encode_image(source, resize: int, force_encode: bool) -> bytes:
     return out.getvalue()
 
 
-def prepare_images(src: str, out: str, shard_size: int = 1000, resize: int = 0, progress: bool = True) -> dict:
+def tar_to_mds(shard_paths: list[str], out: str, shard_bytes: int = 1 << 26) -> int:
+    """Copy validated tar shards into MDS shards (columns jpg: bytes, cls: int)."""
+    from .mds import write_mds
+    from .tar_reader import ShardEnd, read_tar_shard
+
+    def samples():
+        for path in shard_paths:
+            for got in read_tar_shard(path):
+                if not isinstance(got, ShardEnd):
+                    yield {"jpg": got[1]["jpg"], "cls": int(got[1]["cls"])}
+
+    return write_mds(out, samples(), {"jpg": "bytes", "cls": "int"}, size_limit=shard_bytes)
+
+
+def prepare_images(src: str, out: str, shard_size: int = 1000, resize: int = 0, progress: bool = True,
+                   mds: bool = False) -> dict:
     """Write the shards; returns the summary also written to OUT/dataset.json."""
     from tqdm import tqdm
 
@@ -102,6 +118,9 @@ def prepare_images(src: str, out: str, shard_size: int = 1000, resize: int = 0, 
             writer.write(f"{writer.samples:09d}", {"jpg": data, "cls": str(label).encode()})
     summary = {"path": writer.pattern, "samples": writer.samples, "shards": len(writer.shards), "refused": refused,
                "classes": classes, "shard_size": shard_size, "resize": resize}
+    if mds:
+        summary["mds_path"] = os.path.join(out, "mds")
+        summary["mds_samples"] = tar_to_mds(writer.shards, summary["mds_path"])
     with open(os.path.join(out, "dataset.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -113,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output folder for train-NNNNNN.tar shards + DALI .idx files")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     parser.add_argument("--resize", type=int, default=0, help="resize the shorter side to S pixels (0 = keep)")
+    parser.add_argument("--mds", action="store_true", help="also write MDS shards to OUT/mds (data.format mds)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        summary = prepare_images(args.src, args.out, args.shard_size, args.resize, not args.no_progress)
+        summary = prepare_images(args.src, args.out, args.shard_size, args.resize, not args.no_progress,
+                                 args.mds)
     except (ValueError, OSError) as err:
         print(f"prepare-images: error: {err}", file=sys.stderr)
         return 1

@@ -103,6 +103,7 @@ class _Lanes(torch.utils.data.IterableDataset):
                 samples = []
         if samples:  # the end of a finite pass: a last, partial batch
             yield collate(samples, self.num_labels), stream.state_dict(), worker
+        yield None, stream.state_dict(), worker  # the final counters of a finite pass
 
 
 class ShardLoader:
@@ -142,6 +143,9 @@ class ShardLoader:
         if self._iterator is None:
             self._start()
         batch, lane_state, worker = next(self._iterator)
+        while batch is None:  # a lane finished its finite pass: keep its final counters
+            self.lane_states[worker] = lane_state
+            batch, lane_state, worker = next(self._iterator)
         expected = self.batches % self.num_lanes_per_rank
         if self.epochs is None and worker != expected:  # an endless stream keeps the strict rotation
             raise RuntimeError(f"batch from worker {worker}, expected {expected}: DataLoader order broken")
