@@ -4,6 +4,8 @@
       -> fn.decoders.image (device "mixed" = nvJPEG on a GPU, "cpu" otherwise)
       -> fn.random_resized_crop(S, area [crop_scale_min, 1], aspect [3/4, 4/3])
       -> fn.crop_mirror_normalize(float32, CHW, ImageNet mean / std)          -> "images" (B, 3, S, S)
+    video (data.modality video, data.path = prepare-videos' vp9/file_list.txt):
+    fn.experimental.readers.video (VP9 only on the CPU) -> random S x S crop, normalise -> "videos" (B, 3, F, S, S)
 
 One interface for both devices: `device_id=None` builds DALI's CPU-only pipeline (no CUDA needed),
 an integer builds the GPU one on that device (LOCAL_RANK); the batch comes back as CPU tensors on
@@ -63,6 +65,30 @@ def _image_pipeline(paths, batch_size, num_threads, device_id, seed, shard_id, n
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN, std=STD)
         return images, labels
 
+    return _finish(pipeline, batch_size, num_threads, device_id, seed, checkpoint)
+
+
+def _video_pipeline(paths, batch_size, num_threads, device_id, seed, shard_id, num_shards, buffer_size,
+                    size, num_frames, labels, checkpoint=None):
+    """VP9 clips (prepare-videos --vp9) -> "videos" (B, 3, F, S, S): a random S x S crop per clip."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(enable_checkpointing=True)
+    def pipeline():
+        video, label = fn.experimental.readers.video(
+            device="cpu" if device_id is None else "gpu", filenames=paths, labels=labels, sequence_length=num_frames,
+            random_shuffle=True, initial_fill=max(1, buffer_size), seed=seed, shard_id=shard_id,
+            num_shards=num_shards, name="reader")
+        video = fn.crop_mirror_normalize(video, dtype=types.FLOAT, output_layout="CFHW", crop=(size, size),
+                                         crop_pos_x=fn.random.uniform(range=(0.0, 1.0), seed=seed + 1),
+                                         crop_pos_y=fn.random.uniform(range=(0.0, 1.0), seed=seed + 2),
+                                         mean=MEAN, std=STD)
+        return video, label
+
+    return _finish(pipeline, batch_size, num_threads, device_id, seed, checkpoint)
+
+
+def _finish(pipeline, batch_size, num_threads, device_id, seed, checkpoint):
     kwargs = {"checkpoint": checkpoint} if checkpoint is not None else {}
     pipe = pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                     prefetch_queue_depth=2, **kwargs)
@@ -75,7 +101,8 @@ class DaliLoader:
 
     def __init__(self, paths: list[str], micro_batch_size: int, dp_rank: int, dp_size: int, num_threads: int,
                  seed: int, buffer_size: int, size: int, scale_min: float, num_labels: int = 0,
-                 max_skip_fraction: float = 0.01, skip_check_after: int = 1000, device_id: int | None = None):
+                 max_skip_fraction: float = 0.01, skip_check_after: int = 1000, device_id: int | None = None,
+                 num_frames: int = 0, video_labels: list[int] | None = None):
         if len(paths) < dp_size:
             raise ValueError(f"dali: {len(paths)} shards cannot feed {dp_size} ranks")
         self.paths, self.micro_batch_size, self.dp_rank, self.dp_size = paths, micro_batch_size, dp_rank, dp_size
@@ -83,6 +110,7 @@ class DaliLoader:
         self.scale_min, self.num_labels, self.device_id = scale_min, num_labels, device_id
         self.max_skip_fraction, self.skip_check_after = max_skip_fraction, skip_check_after
         self.shard_of = {p: i for i, p in enumerate(paths)}
+        self.num_frames, self.video_labels = num_frames, video_labels  # num_frames > 0: the VP9 video reader
         self.batches, self.counters = 0, {"samples": 0, "skipped_samples": 0, "lost_samples": 0}
         self.layout_epoch = 0  # > 0 after a dp change: a fresh seed for the new layout
         self._pipe = None
@@ -90,6 +118,11 @@ class DaliLoader:
 
     def _build(self) -> None:
         seed = (self.seed * 1_000_003 + self.dp_rank * 7919 + self.layout_epoch * 104_729) % (2 ** 31)
+        if self.num_frames:
+            self._pipe = _video_pipeline(self.paths, self.micro_batch_size, self.num_threads, self.device_id, seed,
+                                         self.dp_rank, self.dp_size, self.buffer_size, self.size, self.num_frames,
+                                         self.video_labels, self._checkpoint)
+            return
         self._pipe = _image_pipeline(self.paths, self.micro_batch_size, self.num_threads, self.device_id, seed,
                                      self.dp_rank, self.dp_size, self.buffer_size, self.size, self.scale_min,
                                      self._checkpoint)
@@ -124,9 +157,13 @@ class DaliLoader:
     def _to_batch(self, images, labels) -> dict[str, torch.Tensor]:
         if self.device_id is not None:
             images = images.as_cpu()  # TODO(data owner): hand the CUDA buffer over via DLPack, no copy
-        pixels = torch.from_numpy(np.array(images.as_tensor()))  # (B, 3, S, S) float32
+        pixels = torch.from_numpy(np.array(images.as_tensor()))  # (B, 3, S, S) or (B, 3, F, S, S) float32
         if self.device_id is not None:
             pixels = pixels.cuda(self.device_id, non_blocking=True)
+        if self.num_frames:
+            return {"videos": pixels, "labels": torch.from_numpy(np.array(labels.as_tensor()).reshape(-1).astype(np.int64)),
+                    "sample_ids": torch.tensor([self.shard_of.get(labels[i].source_info().split(":")[0], -1)
+                                                for i in range(len(labels))], dtype=torch.int64)}
         classes, ids = [], []
         for i in range(len(labels)):
             text = np.array(labels[i]).tobytes().decode(errors="replace")
@@ -182,10 +219,15 @@ class DaliLoader:
 def build_dali_loader(cfg, split: str, dp_rank: int, dp_size: int) -> DaliLoader:
     """`data.format: dali`: WebDataset shards with DALI index files (images: jpg + cls)."""
     d, t = cfg.data, cfg.train
-    if d.modality != "image":
-        raise ValueError("data.format dali reads images; read video shards with data.format webdataset")
-    shards, indices = _split_urls(d, split)
     device_id = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else None
+    if d.modality == "video":  # data.path: the file_list.txt of prepare-videos --vp9 ("path label" lines)
+        with open(d.eval_path if split == "eval" and d.eval_path else d.path) as f:
+            rows = [line.split() for line in f if line.strip()]
+        return DaliLoader([r[0] for r in rows], t.micro_batch_size, dp_rank, dp_size, d.num_workers,
+                          t.seed + (7919 if split == "eval" else 0), d.shuffle_buffer, d.image_size, 0.0, 0,
+                          d.max_skip_fraction, d.skip_check_after, device_id, d.num_frames,
+                          [int(r[1]) if len(r) > 1 else 0 for r in rows])
+    shards, indices = _split_urls(d, split)
     return DaliLoader([shards[i] for i in indices], t.micro_batch_size, dp_rank, dp_size, d.num_workers,
                       t.seed + (7919 if split == "eval" else 0), d.shuffle_buffer, d.image_size, d.crop_scale_min,
                       d.num_labels, d.max_skip_fraction, d.skip_check_after, device_id)
