@@ -54,6 +54,10 @@ class MetricsWriter:
 
 
 def format_step(step: int, total: int, v: dict[str, float]) -> str:
+    """One log line; the throughput key is the family's unit (tokens_per_s, images_per_s, ...)."""
     mfu = f" mfu {v['mfu']:.1%}" if v.get("mfu") is not None else ""
-    return (f"step {step:>5}/{total} loss {v['loss']:.4f} lr {v['lr']:.2e} grad_norm {v['grad_norm']:.3f} "
-            f"tokens/s {v['tokens_per_s']:,.0f} tflops/dev {v['tflops_per_device']:.3f}{mfu}")
+    rate = next((k for k in v if k.endswith("_per_s")), None)
+    speed = f" {rate[:-6]}/s {v[rate]:,.0f}" if rate else ""
+    evals = "".join(f" {k} {v[k]:.4f}" for k in v if k.startswith("eval_"))
+    return (f"step {step:>5}/{total} loss {v['loss']:.4f} lr {v['lr']:.2e} grad_norm {v['grad_norm']:.3f}"
+            f"{speed} tflops/dev {v['tflops_per_device']:.3f}{mfu}{evals}")

@@ -127,6 +127,8 @@ class ContextParallelAttention(nn.Module):
     one all-gather of the ids (both modes), then "allgather": all-gather K/V forward, reduce-scatter
     dK/dV backward; "ring": cp-1 P2P hops of K/V forward, cp-1 of K/V and cp of dK/dV backward."""
 
+    attention_core = True  # selective checkpointing saves its work (parallel/checkpointing.py)
+
     def __init__(self, causal: bool, backend: str, mesh: DeviceMesh, mode: str = "auto"):
         super().__init__()
         self.causal, self.backend, self.mesh = causal, kernel_backend(backend), mesh

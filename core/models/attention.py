@@ -43,6 +43,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 class AttentionCore(nn.Module):
+    attention_core = True  # selective checkpointing saves its work (parallel/checkpointing.py)
+
     def __init__(self, causal: bool, backend: str = "auto"):
         super().__init__()
         self.causal = causal

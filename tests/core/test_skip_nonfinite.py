@@ -28,8 +28,8 @@ def _poisoned_trainer(run_dir, data, overrides, poison):
     trainer = Trainer(cfg, init_distributed(cfg.parallel))
     forward_backward = trainer.forward_backward
 
-    def poisoned(batch):  # NaN gradients on the chosen (1-based) steps
-        loss = forward_backward(batch)
+    def poisoned(batch, scale):  # NaN gradients on the chosen (1-based) steps
+        loss = forward_backward(batch, scale)
         if poison(trainer.step + 1):
             next(trainer.model.parameters()).grad.fill_(float("nan"))
         return loss

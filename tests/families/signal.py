@@ -109,7 +109,8 @@ class MaskedMSE:
         return ((prediction.float() - batch["target"]) ** 2 * batch["valid"][..., None]).sum()
 
     def metrics(self, prediction, batch):
-        return {}
+        valid = batch["valid"][..., None]
+        return {"abs_error": (((prediction.float() - batch["target"]).abs() * valid).sum(), self.count(batch))}
 
 
 def _tp_model(cfg):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPE = os.path.join(ROOT, "recipes/llama3_debug.yaml")
 
@@ -16,7 +18,30 @@ SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=8", "model.n_kv_head
          "parallel.sequence_parallel=false"]
 
 
+def masked_token_loader(cfg, split, dp_rank, dp_size):
+    """The "tokens" reader with the first (sample_index % 5) * 7 labels of every row set to
+    IGNORE_INDEX, so the number of loss terms differs between rows, dp ranks and cp ranks."""
+    from gigatron.data_pipeline.sampler import build_token_loader
+    from gigatron.parallel.tensor import IGNORE_INDEX
+
+    loader = build_token_loader(cfg, split, dp_rank, dp_size)
+    plain = loader.next_batch
+
+    def next_batch():
+        batch = plain()
+        T = batch["labels"].shape[1]
+        cut = (batch["sample_index"] % 5) * 7  # (B,)
+        batch["labels"] = batch["labels"].masked_fill(torch.arange(T)[None, :] < cut[:, None], IGNORE_INDEX)
+        return batch
+
+    loader.next_batch = next_batch
+    return loader
+
+
 def build_trainer(world_size: int, overrides: list[str], data_dir: str):
+    from gigatron.data_pipeline.loader import register_format
+
+    register_format("tokens_masked", masked_token_loader)
     from gigatron.core.config import load_config
     from gigatron.core.train import Trainer
     from gigatron.parallel.mesh import init_distributed
@@ -41,10 +66,18 @@ def train_run(rank: int, world_size: int, overrides: list[str], data_dir: str, s
     """Train `steps` steps; every rank returns its losses and gradient norms (before clipping),
     rank 0 also the full final parameters."""
     trainer = build_trainer(world_size, overrides, data_dir)
+    counts = []  # this rank's number of loss terms per step (before the all-reduce)
+    global_count = trainer.global_count
+
+    def spy(batches):
+        counts.append(int(sum(trainer.objective.count(b) for b in batches)))
+        return global_count(batches)
+
+    trainer.global_count = spy
     values = [trainer.train_step() for _ in range(steps)]
     params = full_params(trainer.model)
     return {"losses": [v["loss"] for v in values], "grad_norms": [v["grad_norm"] for v in values],
-            "params": params if rank == 0 else None}
+            "counts": counts, "params": params if rank == 0 else None}
 
 
 def train_many(rank: int, world_size: int, runs: list[list[str]], data_dir: str) -> list[dict]:

@@ -19,9 +19,9 @@ def _build_405b(rank, world_size):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from gigatron.core.config import load_config
-    from gigatron.core.models.llama import Llama
+    from gigatron.core.family import get_family
     from gigatron.parallel.mesh import ParallelDims
-    from gigatron.parallel.parallelize import parallelize_llama
+    from gigatron.parallel.parallelize import parallelize
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=16384)
     # Llama 3's TP=8 inside a node; pipeline stages are parallel/pipeline.py's, so dp takes pp's share
@@ -31,9 +31,10 @@ def _build_405b(rank, world_size):
     dims = ParallelDims.from_config(cfg.parallel)
     dims.build_mesh("cpu")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    family = get_family("llama3")
     with torch.device("meta"):
-        model = Llama(cfg.model)
-    parallelize_llama(model, dims, cfg, torch.bfloat16)
+        model = family.build(cfg.model)
+    parallelize(model, dims, cfg, family, torch.bfloat16)
     rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     params = dict(model.named_parameters())
     wq, wo = params["layers.0.attention.wq.weight"], params["layers.0.attention.wo.weight"]
