@@ -1,0 +1,73 @@
+"""`Layout`: how one training step is laid out over the GPUs, as the planner sees it.
+
+Degrees in Llama 3's mesh order [tp, cp, pp, dp] (innermost first): tp * cp * pp * dp GPUs. FSDP
+shards parameters, gradients and optimizer state over dp / dp_replicate * cp ranks (HSDP
+replicates over dp_replicate; context-parallel ranks hold the same weights: parallel/fsdp.py).
+
+A step processes `global_batch` samples: each data-parallel rank runs `micro_batches` micro-batches
+of `micro_batch` samples, each sample `seq_len` tokens (split over cp).
+
+`grad_sync`: when FSDP reduce-scatters gradients.
+- "micro_batch": after every micro-batch's backward; the sharded FP32 gradient accumulates
+  (gigatron without a pipeline: core/train.py).
+- "step": once, after the last micro-batch; until then the unsharded gradient accumulates in FP32
+  (gigatron's pipeline stages defer the sync: parallel/pipeline.py; Megatron-Core and Llama 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    dp: int = 1
+    dp_replicate: int = 1
+    sequence_parallel: bool = True
+    pp_virtual_stages: int = 1
+    pp_schedule: str = "1f1b"               # 1f1b | interleaved_1f1b | gpipe | zero_bubble
+    pp_first_last_fewer_layers: int = 1     # Llama 3: the first and last stage hold one layer less
+    micro_batch: int = 1                    # samples per micro-batch
+    micro_batches: int = 1                  # micro-batches per step on each data-parallel rank
+    activation_checkpoint: str = "none"     # none | selective | full
+    reshard_after_forward: bool = False
+    grad_sync: str = "step"                 # micro_batch | step (see module docstring)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.cp * self.pp * self.dp
+
+    @property
+    def fsdp_shards(self) -> int:
+        """Ranks one parameter is sharded over by FSDP: dp_shard * cp."""
+        return self.dp // self.dp_replicate * self.cp
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.micro_batches * self.dp
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "world_size": self.world_size}
+
+    def describe(self) -> str:
+        pp = f" pp={self.pp}" + (f"x{self.pp_virtual_stages}" if self.pp_virtual_stages > 1 else "")
+        hsdp = f" (hsdp {self.dp_replicate})" if self.dp_replicate > 1 else ""
+        return (f"tp={self.tp} cp={self.cp}{pp} dp={self.dp}{hsdp} mb={self.micro_batch}x{self.micro_batches}"
+                f" ac={self.activation_checkpoint}")
+
+    def with_(self, **changes) -> "Layout":
+        return replace(self, **changes)
+
+
+def layout_from_config(cfg) -> Layout:
+    """The layout of a recipe (gigatron.core.config.Config), with gigatron's accumulation mode."""
+    p, t = cfg.parallel, cfg.train
+    return Layout(tp=p.tp, cp=p.cp, pp=p.pp, dp=p.dp, dp_replicate=p.dp_replicate,
+                  sequence_parallel=p.sequence_parallel and p.tp > 1, pp_virtual_stages=p.pp_virtual_stages,
+                  pp_schedule=p.pp_schedule, pp_first_last_fewer_layers=p.pp_first_last_fewer_layers,
+                  micro_batch=t.micro_batch_size, micro_batches=t.global_batch_size // (t.micro_batch_size * p.dp),
+                  activation_checkpoint=p.activation_checkpoint, reshard_after_forward=p.reshard_after_forward,
+                  grad_sync="step" if p.pp > 1 else "micro_batch")

@@ -1,0 +1,113 @@
+"""`--search`: the fastest layouts that fit in memory, for a model, a GPU count and a batch.
+
+Enumerated (gigatron's own rules, core/config.py validate()):
+    tp   divides the heads and the widths, at most one node (NVLink)
+    cp   1, 2, 4, ... with seq_len divisible by 2 cp (and by tp cp under sequence parallelism)
+    pp   1, 2, 4, 8, ... ; virtual stages v with at least one layer per interior chunk; the
+         interleaved schedule when v > 1, 1F1B otherwise
+    dp   the rest: gpus / (tp cp pp), which must divide the global batch with the micro-batch
+    micro-batch 1, 2, 4 samples; at least pp micro-batches with a pipeline
+    activation checkpointing none / selective / full; reshard_after_forward false / true
+Each candidate gets the memory estimate and the projected step; those that fit are ranked by
+projected step time (equivalently tokens/s per GPU; the batch is fixed). A layout (degrees,
+virtual stages, micro-batching) is listed once, with its fastest recompute/resharding choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gigatron.cluster.planner.hardware import COST_MODEL, GPU, CostModel
+from gigatron.cluster.planner.layout import Layout
+from gigatron.cluster.planner.memory import MemoryEstimate, estimate_memory
+from gigatron.cluster.planner.model_shape import ModelShape
+from gigatron.cluster.planner.throughput import Projection, project
+
+
+@dataclass
+class Candidate:
+    layout: Layout
+    memory: MemoryEstimate
+    projection: Projection
+
+    def fits(self, gpu: GPU) -> bool:
+        return self.memory.total <= gpu.memory_bytes
+
+
+def powers_of_two(limit: int) -> list[int]:
+    out, k = [], 1
+    while k <= limit:
+        out.append(k)
+        k *= 2
+    return out
+
+
+def candidate_layouts(shape: ModelShape, gpus: int, global_batch: int, gpu: GPU, fewer: int = 1,
+                      max_pp: int = 32, max_cp: int = 32) -> list[Layout]:
+    out = []
+    for tp in powers_of_two(gpu.gpus_per_node):
+        if shape.n_heads % tp or shape.dim % tp or shape.ffn_dim % tp:
+            continue
+        if not (shape.n_kv_heads % tp == 0 or tp % shape.n_kv_heads == 0):
+            continue
+        for cp in powers_of_two(max_cp):
+            if shape.seq_len % (2 * cp) and cp > 1:
+                continue
+            if tp > 1 and (shape.seq_len // cp) % tp:
+                continue
+            for pp in powers_of_two(max_pp):
+                if gpus % (tp * cp * pp):
+                    continue
+                dp = gpus // (tp * cp * pp)
+                for v in ([1] if pp == 1 else powers_of_two(16)):
+                    if pp > 1 and max(pp * v - 2 * fewer, pp) > shape.n_layers:
+                        continue
+                    for micro_batch in (1, 2, 4):
+                        if global_batch % (dp * micro_batch):
+                            continue
+                        m = global_batch // (dp * micro_batch)
+                        if pp > 1 and m < pp:
+                            continue
+                        for ac in ("none", "selective", "full"):
+                            for reshard in (False, True):
+                                out.append(Layout(tp=tp, cp=cp, pp=pp, dp=dp, sequence_parallel=tp > 1,
+                                                  pp_virtual_stages=v,
+                                                  pp_schedule="interleaved_1f1b" if v > 1 else "1f1b",
+                                                  pp_first_last_fewer_layers=fewer if pp > 1 else 0,
+                                                  micro_batch=micro_batch, micro_batches=m,
+                                                  activation_checkpoint=ac, reshard_after_forward=reshard,
+                                                  grad_sync="step" if pp > 1 else "micro_batch"))
+    return out
+
+
+def search(shape: ModelShape, gpus: int, global_batch: int, gpu: GPU, top: int = 10, fewer: int = 1,
+           constants: CostModel = COST_MODEL) -> tuple[list[Candidate], int]:
+    """(the `top` fastest candidates that fit, how many candidates fit in all)."""
+    fitting = []
+    for layout in candidate_layouts(shape, gpus, global_batch, gpu, fewer):
+        memory = estimate_memory(shape, layout, constants)
+        if memory.total > gpu.memory_bytes:
+            continue
+        fitting.append(Candidate(layout, memory, project(shape, layout, gpu, constants)))
+    # one entry per distinct layout (degrees, virtual stages, micro-batching): its fastest
+    # recompute / resharding choice, and of equals the one needing the least memory
+    fitting.sort(key=lambda c: (round(c.projection.step_time_s, 9), c.memory.total))
+    best: dict[tuple, Candidate] = {}
+    for c in fitting:
+        best.setdefault(layout_key(c.layout), c)
+    distinct = list(best.values())
+    return distinct[:top], len(distinct)
+
+
+def layout_key(layout: Layout) -> tuple:
+    return (layout.tp, layout.cp, layout.pp, layout.dp, layout.pp_virtual_stages, layout.micro_batch)
+
+
+def rank_of(layout: Layout, shape: ModelShape, gpus: int, global_batch: int, gpu: GPU, fewer: int = 1,
+            constants: CostModel = COST_MODEL) -> int | None:
+    """1-based rank of `layout` among all fitting candidates (None if it does not fit)."""
+    ranked, _ = search(shape, gpus, global_batch, gpu, top=10 ** 9, fewer=fewer, constants=constants)
+    for i, c in enumerate(ranked):
+        if layout_key(c.layout) == layout_key(layout):
+            return i + 1
+    return None
