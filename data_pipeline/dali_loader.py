@@ -137,7 +137,9 @@ class DaliLoader:
             try:
                 images, labels = self._pipe.run()
                 break
-            except RuntimeError:  # one undecodable sample fails the whole batch: drop it, count it
+            except RuntimeError as err:  # one undecodable sample fails the whole batch: drop it, count it
+                if "decod" not in str(err).lower():
+                    raise
                 self._count("skipped_batches", 1)
                 self._count("skipped_samples", self.micro_batch_size)
                 self._count("skipped_decode", self.micro_batch_size)

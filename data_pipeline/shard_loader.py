@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .decode import SampleDecoder
-from .loader import check_skip_fraction
+from .loader import DataError, check_skip_fraction
 from .shards import ShardList, split_shards
 from .stream import LaneStream, carry_over, fresh_lane_state
 from .tar_reader import read_tar_shard
@@ -142,10 +142,10 @@ class ShardLoader:
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:
             self._start()
-        batch, lane_state, worker = next(self._iterator)
+        batch, lane_state, worker = self._next()
         while batch is None:  # a lane finished its finite pass: keep its final counters
             self.lane_states[worker] = lane_state
-            batch, lane_state, worker = next(self._iterator)
+            batch, lane_state, worker = self._next()
         expected = self.batches % self.num_lanes_per_rank
         if self.epochs is None and worker != expected:  # an endless stream keeps the strict rotation
             raise RuntimeError(f"batch from worker {worker}, expected {expected}: DataLoader order broken")
@@ -198,6 +198,13 @@ class ShardLoader:
         return total
 
     # ---- internals --------------------------------------------------------------------------
+    def _next(self):
+        try:
+            return next(self._iterator)
+        except DataError as err:  # raised in a worker: torch re-raises it with the worker's traceback
+            lines = [line for line in str(err).splitlines() if "DataError: " in line]
+            raise DataError(lines[-1].split("DataError: ", 1)[1] if lines else str(err).splitlines()[0]) from None
+
     def _check(self, state: dict) -> None:
         for key, mine in (("seed", self.seed), ("num_shards", self.num_shards)):
             if state[key] != mine:

@@ -72,7 +72,7 @@ def read_tar_shard(url: str, start: int = 0, wanted: list[int] | None = None) ->
         # it is complete when the cut fell in the first member of the next sample.
         if current_key is not None and current_index < state["index"] and want(current_index):
             yield current_index, current
-        parsed = state["index"]
+        parsed = max(0, state["index"])
     if wanted is not None:
         yield ShardEnd(parsed=parsed, listed=None, error=error)
     else:

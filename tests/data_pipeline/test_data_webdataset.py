@@ -170,6 +170,7 @@ batch = loader.next_batch()
 opened = len(real_open(log).read().split())
 for _ in range(10):
     loader.next_batch()
+loader.close()  # the workers exit, so RUSAGE_CHILDREN holds their peak RSS
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024, opened)
 """
     folder = os.path.dirname(digit_shards["path"])
@@ -185,6 +186,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, resource.getru
         results.append([int(x) for x in out.stdout.split()])
     (main_small, workers_small, opened_small), (main_large, workers_large, opened_large) = results
     assert abs(main_large - main_small) < 50 and abs(workers_large - workers_small) < 50, results
+    assert workers_small > 0 and main_small > 0, results  # both were measured
     assert opened_small <= 4 and opened_large <= 4, results  # 2 x num_workers
 
 
@@ -194,3 +196,24 @@ def test_eval_split_holds_out_the_last_shards(digit_shards):
     held_out = {i >> 32 for b in ids_of(build_loader(cfg, "eval", 0, 1), 10) for i in b}
     assert train == set(range(9)) and held_out == {0, 1, 2}  # shard ids are local to the split (9, 10, 11)
     assert build_loader(cfg, "eval", 0, 1).shard_url(0).endswith("train-000009.tar")
+
+
+def test_missing_and_empty_shards_lose_their_indexed_samples(digit_shards, tmp_path):
+    from gigatron.data_pipeline.tar_reader import ShardEnd, read_tar_shard
+
+    folder = os.path.dirname(digit_shards["path"])
+    for name, make in (("empty", lambda p: open(p, "wb").close()), ("missing", lambda p: None)):
+        path = str(tmp_path / f"{name}.tar")
+        make(path)
+        with open(os.path.join(folder, "train-000000.tar.idx")) as src, open(path + ".idx", "w") as dst:
+            dst.write(src.read())  # its index lists 8 samples
+        (end,) = list(read_tar_shard(path))
+        assert isinstance(end, ShardEnd) and end.parsed == 0 and end.lost == 8 and end.error
+
+
+def test_a_lane_with_no_readable_shard_stops_with_a_one_line_error(tmp_path):
+    pattern = str(tmp_path / "none-{000000..000003}.tar")  # no such files
+    loader = build_loader(make_cfg(pattern, num_workers=2, max_skip_fraction=1.0), "train", 0, 1)
+    with pytest.raises(DataError) as err:
+        loader.next_batch()
+    assert "read no usable sample" in str(err.value) and "\n" not in str(err.value)
