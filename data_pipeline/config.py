@@ -9,7 +9,7 @@ A mixture (`format: mixture`) lists its sources, each a reader of its own with a
       format: mixture
       mixture:
         - {format: webdataset, path: "images/train-{000000..000999}.tar", weight: 0.6}
-        - {format: webdataset, path: "videos/train-{000000..000099}.tar", weight: 0.4}
+        - {format: webdataset, path: "videos/train-{000000..000099}.tar", weight: 0.4, modality: video}
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class SourceConfig:
     path: str = ""                        # shard pattern / list (comma-separated) / token prefix of this source
     weight: float = 1.0                   # relative share of micro-batches drawn from this source
     eval_path: str = ""                   # held-out shards of this source; empty = hold out by eval_fraction
+    modality: str = ""                    # image | video for this source; empty = data.modality (Omnivore mixes both)
 
 
 @dataclass

@@ -101,7 +101,7 @@ def build_mixture_loader(cfg, split: str, dp_rank: int, dp_size: int) -> Mixture
             raise ValueError(f"data.mixture[{i}]: a mixture cannot contain a mixture")
         sub = copy.copy(cfg)
         sub.data = dataclasses.replace(cfg.data, format=source.format, path=source.path, eval_path=source.eval_path,
-                                       mixture=[])
+                                       modality=source.modality or cfg.data.modality, mixture=[])
         loaders.append(build_loader(sub, split, dp_rank, dp_size))
         names.append(f"{i}_{source.format}")
     return MixtureLoader(loaders, [s.weight for s in cfg.data.mixture], cfg.train.seed, dp_rank, names)

@@ -67,6 +67,7 @@ class LaneStream:
         self._plan_epoch, self._plan = None, []
         self._reader: Iterator | None = None
         self._buffer: list[tuple[list, dict]] = []  # (reference, raw sample)
+        self._delivered_at_epoch_start = -1  # to detect passes that deliver nothing (no readable shard)
         self._restore_buffer(state["buffer"])
 
     # ---- work items -------------------------------------------------------------------------
@@ -172,8 +173,6 @@ class LaneStream:
             self._count("samples")
             sample["sample_id"], sample["epoch"] = (shard << 32) | index, epoch
             yield sample
-
-    _delivered_at_epoch_start = -1
 
     def state_dict(self) -> dict:
         return {**self.state, "counters": dict(self.state["counters"]), "buffer": [list(ref) for ref, _ in self._buffer]}

@@ -3,8 +3,9 @@
 A sample is one group of consecutive members with the same key (the name up to its first dot after
 the last slash, WebDataset's rule): {"jpg": bytes, "cls": bytes, ...}. Its index is its ordinal in
 the shard, the same numbering as the shard's DALI index file (one line per sample). The tar is
-parsed by webdataset's own `tar_file_iterator` (Python's tarfile in stream mode, so a shard can
-be a pipe or an object-store stream); members of samples that are not wanted are skipped without
+parsed by webdataset's own `tar_file_iterator` (Python's tarfile in stream mode) and opened by
+webdataset's `gopen` when it is not a local path ("pipe:aws s3 cp s3://b/s.tar -", "https://..."),
+so shards can stream from an object store; members of samples that are not wanted are skipped without
 being copied. A truncated tar ends the stream early: the sample being read at the cut and every
 sample after it count as lost against the shard's index.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from .shards import shard_sample_count
@@ -49,7 +51,7 @@ def read_tar_shard(url: str, start: int = 0, wanted: list[int] | None = None) ->
 
     parsed, error, current, current_key, current_index = 0, "", {}, None, -1
     try:
-        with open(url, "rb") as stream:
+        with (open(url, "rb") if "://" not in url and not url.startswith("pipe:") else gopen(url, "rb")) as stream:
             for member in tar_file_iterator(stream, select_files=select):
                 key, extension = base_plus_ext(member["fname"])
                 if key != current_key:

@@ -143,3 +143,23 @@ def test_dali_cpu_reads_the_vp9_clips_and_resumes_exactly(video_shards):
     for expected in reference[2:]:
         got = resumed.next_batch()
         assert torch.equal(got["videos"], expected["videos"]) and torch.equal(got["labels"], expected["labels"])
+
+
+def test_omnivore_mixture_of_images_and_videos_resumes_exactly(video_shards, digit_shards):
+    from gigatron.data_pipeline.config import SourceConfig
+
+    sources = [SourceConfig("webdataset", digit_shards["path"], 0.5),
+               SourceConfig("webdataset", video_shards["path"], 0.5, modality="video")]
+    cfg = make_cfg("", format="mixture", mixture=sources, num_frames=F, image_size=16, num_workers=2, B=2)
+
+    def keys(loader, n):
+        return [("videos" if "videos" in b else "images", int(b["source"][0]), b["sample_ids"].tolist())
+                for b in (loader.next_batch() for _ in range(n))]
+
+    reference = keys(build_loader(cfg, "train", 0, 1), 12)
+    assert {(k, s) for k, s, _ in reference} == {("images", 0), ("videos", 1)}  # whole batches of one modality
+    first = build_loader(cfg, "train", 0, 1)
+    head = keys(first, 5)
+    resumed = build_loader(cfg, "train", 0, 1)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert head + keys(resumed, 7) == reference
