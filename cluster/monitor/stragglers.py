@@ -1,0 +1,49 @@
+"""Which ranks are slow: a pure function the trainer calls on gathered per-rank compute times.
+
+A rank is a straggler when its compute time (collective waits excluded, so that waiting on a
+slow peer does not make a fast rank look slow) exceeds the median over ranks by more than
+`threshold` as a fraction of the median:
+
+    straggler(r)  <=>  t_r > median(t) * (1 + threshold)
+
+The median, not the mean, so that one very slow rank does not raise the bar it is measured
+against. With fewer than 3 ranks there is no majority to compare with and nothing is flagged.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import median
+
+
+def find_stragglers(times_per_rank: list[float], threshold: float) -> list[int]:
+    """Ranks (indices into `times_per_rank`) slower than the median by more than `threshold`.
+
+    Non-finite or negative times (a rank that reported nothing) are ignored for the median and
+    never flagged. Raises ValueError for a negative threshold."""
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    valid = [(r, t) for r, t in enumerate(times_per_rank)
+             if isinstance(t, (int, float)) and math.isfinite(t) and t >= 0]
+    if len(valid) < 3:
+        return []
+    middle = median(t for _, t in valid)
+    if middle <= 0:
+        return []
+    bar = middle * (1 + threshold)
+    return [r for r, t in valid if t > bar]
+
+
+def straggler_counts(records: list[dict], threshold: float) -> dict[int, int]:
+    """rank -> how many of the records' `step_time_per_rank` lists flag it (history of a run),
+    also counting the trainer's own `stragglers` lists where no per-rank times were logged."""
+    counts: dict[int, int] = {}
+    for record in records:
+        times = record.get("step_time_per_rank")
+        if isinstance(times, list) and times:
+            flagged = find_stragglers(times, threshold)
+        else:
+            flagged = [r for r in record.get("stragglers") or [] if isinstance(r, int)]
+        for r in flagged:
+            counts[r] = counts.get(r, 0) + 1
+    return counts
