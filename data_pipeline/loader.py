@@ -10,8 +10,10 @@ A loader is one data-parallel rank's endless stream of micro-batches:
     loader.resume_from_layout(states)    # optional: every old rank's state after a dp_size change
 
 State is PER RANK: the trainer saves each data-parallel rank's `state_dict()` in the checkpoint and
-hands it back to the same rank. When dp_size changed, it calls `resume_from_layout(states)` instead,
-with the states of all old ranks in old dp-rank order. Shard readers (webdataset, mds) then finish
+hands it back to the same rank. When the layout changed (dp_size, or data.num_workers), it calls
+`resume_from_layout(states)` instead, with the states of all old ranks in old dp-rank order; with
+an unchanged layout `resume_from_layout(states)` is `load_state_dict(states[dp_rank])`, so a trainer
+may simply always call it when the loader has it (the states are small: O(shuffle buffer) ints). Shard readers (webdataset, mds) then finish
 the interrupted epoch(s) exactly once across the new ranks (see `data_pipeline/stream.py`), the
 tokens reader needs only the (rank-independent) global sample count, DALI re-shards from the epoch
 start (its checkpoints are per-layout; see `data_pipeline/dali_loader.py`).

@@ -217,3 +217,20 @@ def test_a_lane_with_no_readable_shard_stops_with_a_one_line_error(tmp_path):
     with pytest.raises(DataError) as err:
         loader.next_batch()
     assert "read no usable sample" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_changing_num_workers_keeps_exactly_once(digit_shards):
+    two = build_loader(make_cfg(digit_shards["path"], num_workers=2, B=4), "train", 0, 1)
+    seen = [(e, i) for b in (two.next_batch() for _ in range(7)) for e, i in zip(b["epochs"].tolist(), b["sample_ids"].tolist())]
+    one = build_loader(make_cfg(digit_shards["path"], num_workers=1, B=4), "train", 0, 1)
+    with pytest.raises(ValueError, match="resume_from_layout"):
+        one.load_state_dict(two.state_dict())
+    one.resume_from_layout([two.state_dict()])
+    seen += [(e, i) for b in (one.next_batch() for _ in range(30)) for e, i in zip(b["epochs"].tolist(), b["sample_ids"].tolist())]
+    epoch0 = [i for e, i in seen if e == 0]
+    assert len(epoch0) == 96 == len(set(epoch0))
+    same = build_loader(make_cfg(digit_shards["path"], num_workers=2, B=4), "train", 0, 1)
+    same.resume_from_layout([two.state_dict()])  # unchanged layout: the same as load_state_dict
+    again = build_loader(make_cfg(digit_shards["path"], num_workers=2, B=4), "train", 0, 1)
+    again.load_state_dict(two.state_dict())
+    assert [same.next_batch()["sample_ids"].tolist() for _ in range(3)] == [again.next_batch()["sample_ids"].tolist() for _ in range(3)]
