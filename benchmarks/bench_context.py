@@ -58,37 +58,14 @@ def _layer(rank, world_size, seq_len):
     return rows
 
 
-def _model(rank, world_size, data_dir):
-    """The debug Llama, cp2 x dp2, through the trainer: cp bytes of one micro-batch / n_layers."""
-    from gigatron.parallel.comm import CommRecorder, analytic_bytes
-    from tests.parallel.harness import build_trainer
-
-    rows = []
-    for mode in ("allgather", "ring"):
-        trainer = build_trainer(world_size, ["parallel.cp=2", "parallel.dp=2", f"parallel.cp_mode={mode}"], data_dir)
-        trainer.train_step()  # warm-up
-        batch = trainer.batches.next_batch()
-        with CommRecorder(trainer.mesh) as rec:
-            trainer.forward_backward(batch)
-        n = trainer.cfg.model.n_layers
-        measured = {kind: size // n for (dim, kind), size in rec.bytes_by().items() if dim == "cp"}
-        expected = {kind: size // n for (dim, kind), size in analytic_bytes(trainer.cfg).items() if dim == "cp"}
-        rows.append({"case": f"llama cp2xdp2 causal {mode}", "measured": measured, "expected": expected,
-                     "seconds": None})
-    return rows
-
-
 def main() -> int:
     from tests.distributed import run_distributed
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "runs/bench/context.json"))
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--skip-model", action="store_true", help="only the single-layer measurements")
     args = parser.parse_args()
-    rows = run_distributed(_layer, 4, args.seq_len)[0]
-    if not args.skip_model:
-        rows += run_distributed(_model, 4, tempfile.mkdtemp(prefix="bench_context_"))[0]
+    rows = run_distributed(_layer, 4, args.seq_len)[0]  # whole training steps: benchmarks/bench_comm.py
     ok = True
     print(f"{'case':<32} {'kind':<15} {'measured B/layer':>17} {'analytic B/layer':>17} {'ratio':>6} {'fwd+bwd s':>9}")
     for row in rows:

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from gigatron.core.config import load_config
-from gigatron.core.models.llama import Llama
+from gigatron.core.family import get_family
 from gigatron.data_pipeline.prepare import prepare_text
-from gigatron.kernels.cross_entropy import cross_entropy_sum
 from gigatron.data_pipeline.sampler import PackedBatchStream
 from gigatron.data_pipeline.token_shards import TokenShards
+from gigatron.parallel.parallelize import init_weights
 
 
 def hf_model(cfg):
@@ -45,11 +45,14 @@ def hf_model(cfg):
     return LlamaForCausalLM(hf_cfg)
 
 
-def ours_loss(model, batch):
-    """gigatron's training loss: the fused cross-entropy of gigatron.kernels (mean over tokens)."""
-    logits = model(batch["input_ids"])
-    labels = batch["labels"].flatten()
-    return cross_entropy_sum(logits.flatten(0, 1), labels) / labels.numel()
+def ours_loss_fn(objective):
+    """gigatron's training loss, through the family seam as the trainer computes it: the objective's
+    inputs, loss sum (the fused cross-entropy of gigatron.kernels) and count."""
+    def loss(model, batch):
+        batch = dict(batch, positions=torch.arange(batch["input_ids"].shape[1]))
+        args, kwargs = objective.inputs(batch)
+        return objective.loss(model(*args, **kwargs), batch, model) / objective.count(batch)
+    return loss
 
 
 def hf_loss(model, batch):
@@ -93,8 +96,10 @@ def main() -> None:
     batches = [stream.next_batch() for _ in range(args.steps + 2)]
 
     torch.manual_seed(0)
-    ours = Llama(cfg.model)
-    ours.init_weights(seed=0)
+    family = get_family(cfg.model.name)
+    ours = family.build(cfg.model)
+    init_weights(ours, family, cfg, seed=0)
+    ours_loss = ours_loss_fn(family.objective(cfg, None))
     theirs = hf_model(cfg)
     n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
     assert n_ours == n_theirs, f"architectures differ: {n_ours} vs {n_theirs} parameters"

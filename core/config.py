@@ -31,6 +31,9 @@ class ParallelConfig:
     cp_mode: Literal["auto", "allgather", "ring"] = "auto"  # auto: allgather if causal, ring if bidirectional
     reshard_after_forward: bool = False   # Llama 3: keep gathered weights for backward (no 2nd all-gather)
     activation_checkpoint: Literal["none", "selective", "full"] = "none"
+    grad_sync: Literal["per_step", "per_microbatch"] = "per_step"  # FSDP gradient reduce-scatter: once per
+    # step (unsharded FP32 gradients accumulate over the micro-batches) or after every micro-batch (less
+    # memory, n_micro x the bytes). Pipeline stages always reduce once per step.
 
     @property
     def world_size(self) -> int:

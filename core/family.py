@@ -92,6 +92,7 @@ class ParallelPlan:
     cp_attention: tuple[str, ...] = ()           # paths inside a block of the self-attention cores CP swaps;
                                                  # any other attention (cross-attention to text) stays local
     causal: bool = True                          # self-attention mask, for cp_mode "auto" (allgather vs ring)
+    tied: Callable[[Any], list] = lambda m: []   # cfg.model -> [(parameter path, the path it shares)], re-tied after TP
     block_cost: Callable[[Any], float] | None = None   # cfg -> training FLOPs per sample of one block
     first_cost: Callable[[Any], float] | None = None   # ... of the first-stage modules
     last_cost: Callable[[Any], float] | None = None    # ... of the last-stage modules (output, loss)

@@ -44,7 +44,7 @@ from gigatron.core.optim import build_optimizer, lr_at, set_lr
 from gigatron.parallel.comm import all_reduce
 from gigatron.parallel.context import cp_shard_batch
 from gigatron.parallel.mesh import ParallelDims, device_type, init_distributed
-from gigatron.parallel.parallelize import init_weights, parallelize
+from gigatron.parallel.parallelize import init_weights, parallelize, precision_policy
 from gigatron.parallel.pipeline import build_pipeline, clip_grad_norm_
 
 log = logging.getLogger("gigatron")
@@ -96,6 +96,8 @@ class Trainer:
         self.device = torch.device(device_type(), torch.cuda.current_device() if torch.cuda.is_available() else None)
         torch.manual_seed(cfg.train.seed)
         self.objective = self.family.objective(cfg, self.mesh)
+        if dist.get_rank() == 0:
+            log.info("precision: %s", precision_policy(compute_dtype(cfg)))
         self.model, self.pipeline = build_model(cfg, dims, self.family, self.objective, self.device)
         self.optimizer = build_optimizer(self.model, cfg.train, self.family.no_decay)
         self.schedule_start = schedule_start
@@ -118,6 +120,8 @@ class Trainer:
         self.skipped_steps, self.skipped_in_a_row = 0, 0
         self.data_wait = 0.0  # seconds spent in loader.next_batch during the current step
         self.stop_signal: int | None = None  # set by SIGTERM/SIGUSR1: checkpoint at the next step boundary
+        self.stop_requested = False
+        self.request_file = os.path.join(cfg.run.dir, "checkpoint_request")
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
@@ -218,16 +222,25 @@ class Trainer:
             loss_sum = self.pipeline.step(batches, scale, self.cfg.run.dir)
         else:
             loss_sum = torch.zeros((), device=self.device)
-            for batch in batches:
+            per_step = self.cfg.parallel.grad_sync == "per_step" and hasattr(self.model, "set_requires_gradient_sync")
+            for i, batch in enumerate(batches):
+                if per_step:  # FSDP: parameters stay gathered and unsharded FP32 gradients accumulate over
+                    last = i == len(batches) - 1  # the micro-batches; one all-gather, one reduce-scatter per step
+                    self.model.set_requires_gradient_sync(last)
+                    self.model.set_reshard_after_backward(last)
                 loss_sum += self.forward_backward(batch, scale)
         # global norm: DTensor shards reduced over dp/tp, squared norms summed over pp
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"), self.mesh)
         lr = lr_at(self.step - self.schedule_start, self.cfg.train)
-        # a non-finite loss or gradient norm on any rank: every rank drops this step's gradients
-        skip = torch.tensor(float(not (torch.isfinite(grad_norm).all() and torch.isfinite(loss_sum).all())),
-                            device=self.device)
-        dist.all_reduce(skip, op=dist.ReduceOp.MAX)
-        if skip.item():
+        # one all-reduce (MAX, on the compute device: NCCL has no CPU tensors) of two flags: a non-finite
+        # loss or gradient norm on any rank (every rank drops this step's gradients), and a stop
+        # request (SIGTERM/SIGUSR1 on any rank, or the request file, which only rank 0 looks for)
+        nonfinite = ~(torch.isfinite(grad_norm).all() & torch.isfinite(loss_sum).all())
+        requested = self.stop_signal is not None or (dist.get_rank() == 0 and os.path.exists(self.request_file))
+        flags = torch.stack([nonfinite.float(), torch.tensor(float(requested), device=self.device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        skip, self.stop_requested = flags.tolist()
+        if skip:
             self.skipped_steps, self.skipped_in_a_row = self.skipped_steps + 1, self.skipped_in_a_row + 1
         else:
             set_lr(self.optimizer, lr)
@@ -275,7 +288,7 @@ class Trainer:
         cfg, rank0 = self.cfg, dist.get_rank() == 0
         until = cfg.train.steps if until is None else until
         writer = MetricsWriter(cfg.run.dir, cfg.run.tensorboard) if rank0 else None
-        request = os.path.join(cfg.run.dir, "checkpoint_request")
+        request = self.request_file
         bar = tqdm(total=until, initial=self.step, disable=not (rank0 and cfg.run.progress),
                    desc=self.stage_name or "train", unit="step", dynamic_ncols=True)
         while self.step < until:
@@ -301,9 +314,7 @@ class Trainer:
                 writer.write(self.step, values)
                 if self.step % cfg.run.log_every == 0:
                     bar.write(format_step(self.step, cfg.train.steps, values))
-            requested = torch.tensor(float(os.path.exists(request) or self.stop_signal is not None))
-            dist.all_reduce(requested, op=dist.ReduceOp.MAX)  # every rank must agree to stop
-            if requested.item():
+            if self.stop_requested:  # agreed by every rank in train_step
                 path = self.save()
                 self.checkpointer.wait()
                 if rank0 and os.path.exists(request):

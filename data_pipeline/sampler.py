@@ -206,6 +206,14 @@ class TokenLoader(PackedBatchStream):
     def stats(self) -> dict[str, float]:
         return {}
 
+    def resume_from_layout(self, states: list[dict]) -> None:
+        """Resume under another dp size: the stream's position is a count of GLOBAL samples, the same
+        in every old rank's state, so any of them continues the one global order exactly."""
+        if len({s["samples_consumed"] for s in states}) != 1:
+            raise ValueError(f"the saved data-parallel ranks disagree on the stream position: "
+                             f"{[s['samples_consumed'] for s in states]}")
+        self.load_state_dict(states[0])
+
 
 def build_token_loader(cfg, split: str, dp_rank: int, dp_size: int) -> TokenLoader:
     """The "tokens" reader. If the shards are missing, global rank 0 tokenizes the recipe's sources

@@ -13,7 +13,7 @@ When no recorder is active nothing is installed: the cost is zero.
 
 Bytes convention: the size of the whole buffer a collective spans, i.e. the gathered output of an
 all-gather, the unreduced input of a reduce-scatter, the tensor of an all-reduce, the input of an
-all-to-all. A ring moves (W-1)/W of it per rank. `analytic_bytes` gives the expected figures.
+all-to-all. A ring moves (W-1)/W of it per rank. `textbook_bytes` gives the least a step must move.
 """
 
 from __future__ import annotations
@@ -180,79 +180,90 @@ def ring_shift(x: torch.Tensor, mesh: DeviceMesh, dim: str, tag: int = 0) -> tup
     return recv, dist.batch_isend_irecv(ops)
 
 
-# -- expected traffic ----------------------------------------------------------------------------
+# -- the textbook minimum ------------------------------------------------------------------------
 
-def analytic_bytes(cfg, local_param_shapes: list[list[tuple[int, ...]]] | None = None,
-                   element_size: int = 4) -> dict[tuple[str, str], int]:
-    """Expected bytes of one micro-batch forward + backward, per (mesh dim, kind).
+def textbook_bytes(cfg, units: list[int], n_micro: int, compute_bytes: int = 4, layers: int = 0, dim: int = 0,
+                   kv_heads: int = 0, head_dim: int = 0, causal: bool = True) -> dict[tuple[str, str], int]:
+    """The least traffic one optimizer step of this layout must move, per rank, per (mesh dim, kind),
+    derived from the layout and the model's shape, not from what the code does. Bytes convention as
+    the recorder's (an all-gather's gathered output, a reduce-scatter's unreduced input).
 
-    Tensor + sequence parallel (tp > 1, sequence_parallel), activation a = B*T*dim elements:
-      per block, forward: all-gather a before attention and before the MLP (column-parallel inputs),
-      reduce-scatter a after wo and after w2 (row-parallel outputs); backward: the conjugates, so
-      per block 4 all-gathers and 4 reduce-scatters of a in all;
-      embedding (vocab-parallel, row-wise): reduce-scatter a forward, all-gather a backward;
-      output (column-parallel on Shard(1) input): all-gather a forward, reduce-scatter a backward;
-      vocabulary-parallel loss: 3 all-reduces of B*T fp32 (max, sum of exp, target logit) forward;
-      RMSNorm weights (2 per block + the final one) see T/tp tokens: their gradients, partial sums
-      over tp, are all-reduced in backward (by FSDP2's redistribution, or DTensor's without FSDP).
-    KV heads replicated (n_kv_heads < tp): + per block an all-reduce of the wk and wv gradients.
-    FSDP (fsdp_shard = dp_shard*cp > 1): per FSDP unit, one all-gather of the dim-0-padded shards
-      forward and one reduce-scatter of the same size backward (reshard_after_forward=False);
-      `local_param_shapes` gives, per unit, the shapes of the tp-local parameters; HSDP adds an
-      all-reduce of the shard (padded size / dp_shard) over dp_replicate.
+    units: per FSDP unit, the number of this rank's tensor-parallel-local parameter elements.
+    layers/dim/kv_heads/head_dim: the transformer's shape (kv_heads: the model's, before tp).
+
+    FSDP over fsdp = dp_shard x cp ranks (Rajbhandari et al. 2020; parameters not resharded after
+      forward, gradients synchronised once per step): per unit one all-gather of its parameters in
+      the compute dtype and one reduce-scatter of its gradients in FP32, per step; HSDP adds one
+      all-reduce of the FP32 gradient shard over dp_replicate. With parallel.grad_sync=per_microbatch,
+      both happen once per micro-batch.
+    TP + SP (Korthikanti et al. 2022, per micro-batch, a = B * T/cp * dim activations): per layer 2
+      all-gathers and 2 reduce-scatters of a in forward and the same in backward; the vocabulary-
+      parallel embedding and output add one reduce-scatter and one all-gather each; the vocabulary-
+      parallel loss 3 all-reduces of B*T/cp FP32 values. Without SP the 4L+2 pairs are all-reduces.
+      The norm weights under SP (and KV projections replicated when n_kv_heads < tp) have partial
+      gradients: one FP32 all-reduce of them with each gradient synchronisation.
+    CP (Llama 3 all-gather, per micro-batch and layer, kv = K and V of the whole sequence): one all-
+      gather of kv forward, one reduce-scatter of dK/dV backward. Ring: cp-1 hops of a kv block
+      forward; cp-1 kv hops and cp dK/dV hops backward, each one send and one receive.
     """
     m, p, t = cfg.model, cfg.parallel, cfg.train
     out: dict[tuple[str, str], int] = defaultdict(int)
-    if p.tp > 1:
-        a = t.micro_batch_size * (t.seq_len // p.cp) * m.dim * element_size
-        if p.sequence_parallel:
-            out[("tp", "all_gather")] += (4 * m.n_layers + 2) * a
-            out[("tp", "reduce_scatter")] += (4 * m.n_layers + 2) * a
-        else:  # column-parallel input grads and row-parallel outputs are all-reduced
-            out[("tp", "all_reduce")] += (4 * m.n_layers + 2) * a
-        out[("tp", "all_reduce")] += 3 * t.micro_batch_size * (t.seq_len // p.cp) * 4
-        if p.sequence_parallel:  # norm weights see T/tp tokens: their gradients are summed over tp
-            out[("tp", "all_reduce")] += (2 * m.n_layers + 1) * m.dim * element_size
-        if m.n_kv_heads < p.tp:
-            out[("tp", "all_reduce")] += m.n_layers * 2 * m.n_kv_heads * m.head_dim * m.dim * element_size
     fsdp = p.dp // p.dp_replicate * p.cp
-    if local_param_shapes and p.dp * p.cp > 1:
-        for unit in local_param_shapes:
-            padded = sum(-(-s[0] // fsdp) * fsdp * _prod(s[1:]) for s in unit) * element_size
-            if fsdp > 1:
-                out[("fsdp_shard", "all_gather")] += padded
-                out[("fsdp_shard", "reduce_scatter")] += padded
-            if p.dp_replicate > 1:
-                if fsdp == 1:
-                    out[("dp_replicate", "all_gather")] += padded
-                out[("dp_replicate", "all_reduce")] += padded // fsdp
-    if p.cp > 1:  # context parallel attention, every layer (Llama is causal: "auto" means allgather)
-        kv_heads = max(1, m.n_kv_heads // p.tp)  # this tp rank's kv heads (one when replicated)
-        mode = "allgather" if p.cp_mode == "auto" else p.cp_mode
-        layer = cp_attention_bytes(mode, t.micro_batch_size, t.seq_len, kv_heads, m.head_dim, p.cp,
-                                   element_size, m.document_mask)
-        for key, size in layer.items():
-            out[key] += m.n_layers * size
+    syncs = 1 if p.grad_sync == "per_step" else n_micro
+    total = sum(units)
+    # with dp_shard = 1 the FSDP group is the cp group itself (one process group): the recorder names it "cp"
+    fsdp_dim = "cp" if p.cp > 1 and p.dp // p.dp_replicate == 1 else "fsdp_shard"
+    if fsdp > 1:
+        out[(fsdp_dim, "all_gather")] += syncs * total * compute_bytes
+        out[(fsdp_dim, "reduce_scatter")] += syncs * total * 4
+    if p.dp_replicate > 1:
+        if fsdp == 1:
+            out[("dp_replicate", "all_gather")] += syncs * total * compute_bytes
+        out[("dp_replicate", "all_reduce")] += syncs * total // fsdp * 4
+    B, T = t.micro_batch_size, t.seq_len // p.cp
+    if p.tp > 1:
+        a = B * T * dim * compute_bytes
+        pairs = n_micro * (4 * layers + 2) * a
+        if p.sequence_parallel:
+            out[("tp", "all_gather")] += pairs
+            out[("tp", "reduce_scatter")] += pairs
+        else:
+            out[("tp", "all_reduce")] += pairs
+        out[("tp", "all_reduce")] += n_micro * 3 * B * T * 4
+        partial = (2 * layers + 1) * dim if p.sequence_parallel else 0
+        if kv_heads < p.tp:
+            partial += layers * 2 * kv_heads * head_dim * dim
+        out[("tp", "all_reduce")] += (syncs if fsdp > 1 else n_micro) * partial * 4
+    if p.cp > 1:
+        kv = 2 * B * max(1, kv_heads // p.tp) * t.seq_len * head_dim * compute_bytes
+        if p.cp_mode == "allgather" or (p.cp_mode == "auto" and causal):
+            out[("cp", "all_gather")] += n_micro * layers * kv
+            out[("cp", "reduce_scatter")] += n_micro * layers * kv
+        else:
+            hops = n_micro * layers * (2 * (p.cp - 1) + p.cp) * (kv // p.cp)
+            out[("cp", "send")] += hops
+            out[("cp", "recv")] += hops
     return dict(out)
 
 
 def cp_attention_bytes(mode: str, batch: int, seq_len: int, kv_heads: int, head_dim: int, cp: int,
                        element_size: int = 4, segment_ids: bool = True) -> dict[tuple[str, str], int]:
-    """Expected bytes on mesh "cp" of ONE context-parallel attention layer, forward + backward, per rank
-    (parallel/context.py, context_ring.py), without activation checkpointing (which repeats the forward).
-    kv = K and V of the whole sequence = 2*B*Hkv*T*D*element_size; ids = int64 positions (+ segment ids).
-      both modes: all-gather of the ids, T*(1 + B)*8 (T*8 without segment ids), forward;
+    """Bytes on mesh "cp" of ONE context-parallel attention call, forward + backward, per rank, as
+    parallel/context.py moves them (without activation checkpointing, which repeats the forward):
+    kv = K and V of the whole sequence = 2*B*Hkv*T*D*element_size;
       allgather:  all-gather of kv forward, reduce-scatter of kv backward;
       ring:       forward cp-1 hops of a kv block (kv/cp); backward cp-1 hops of kv blocks and cp hops
-                  of their fp32 dK/dV (kv/cp * 4/element_size): every hop is one send and one recv."""
+                  of dK/dV blocks in the same dtype: every hop is one send and one recv;
+      segment_ids: the document ids' all-gather, (T, B) int32, which a micro-batch makes once for
+      all its layers (parallel/context.py SegmentIdsCache), here counted for the one call."""
     kv = 2 * batch * kv_heads * seq_len * head_dim * element_size
-    out = {("cp", "all_gather"): seq_len * (1 + (batch if segment_ids else 0)) * 8}
+    ids = seq_len * batch * 4 if segment_ids else 0
     if mode == "allgather":
-        out[("cp", "all_gather")] += kv
-        out[("cp", "reduce_scatter")] = kv
-    else:
-        hops = 2 * (cp - 1) * (kv // cp) + cp * (kv // cp) * 4 // element_size
-        out[("cp", "send")] = out[("cp", "recv")] = hops
+        return {("cp", "all_gather"): kv + ids, ("cp", "reduce_scatter"): kv}
+    hops = (2 * (cp - 1) + cp) * (kv // cp)
+    out = {("cp", "send"): hops, ("cp", "recv"): hops}
+    if ids:
+        out[("cp", "all_gather")] = ids
     return out
 
 

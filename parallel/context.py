@@ -6,8 +6,9 @@ and cp rank i holds chunks i and 2*cp-1-i, so that under the causal mask every r
 work. Per attention layer:
     placements  q (B, H, T/cp, D) Shard(T);  k, v (B, Hkv, T/cp, D) Shard(T) -> gathered Replicate
     forward     all-gather of K and V together (one collective) over cp; local queries attend to all
-                T keys with their GLOBAL positions and document ids (gathered alongside, int64, no
-                gradient) through the kernel API, so document masks cross chunk boundaries freely
+                T keys with their GLOBAL positions (computed locally: every rank knows the layout)
+                and document ids (all-gathered once per micro-batch as int32 and shared by every
+                layer, `SegmentIdsCache`), so document masks cross chunk boundaries freely
     backward    reduce-scatter (sum) of dK, dV over cp: each rank's queries contributed to every key
     output      (B, H, T/cp, D) Shard(T), in the rank's own token order
 With GQA the gathered K/V is n_kv_heads/n_heads of the activations (1/4 for Llama 3 8B-405B).
@@ -15,16 +16,17 @@ With GQA the gathered K/V is n_kv_heads/n_heads of the activations (1/4 for Llam
 "ring" (Movie Gen; default for bidirectional attention): see `context_ring.py`. K/V blocks circulate
 with asynchronous P2P overlapped with the local block's attention; partial outputs merge by LSE.
 
-Batch side: `cp_shard_batch` keeps rank i's two chunks of input_ids, labels and document_ids and
-adds "positions", the global positions of its tokens (T/cp,), identical for every row, so RoPE is
-that of the full sequence. The trainer divides the rank's summed loss by its LOCAL token count;
-FSDP averages gradients over dp_shard x cp ("fsdp_shard") and the metric is summed over dp x cp
-("loss"): sum_r grad(sum_r)/(N/cp) / (dp*cp) = grad(sum over all N*dp tokens)/(N*dp), the global mean.
+Batch side: `cp_shard_batch` keeps rank i's part of the objective's sequence fields (causal: chunks
+i and 2*cp-1-i; bidirectional: the i-th contiguous T/cp) and adds "positions", the global positions
+of its tokens (T/cp,), identical for every row, so RoPE is that of the full sequence. The global
+mean over the loss terms of all ranks is the trainer's business (core/train.py): it all-reduces the
+count over dp x cp before backward.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 from torch import nn
@@ -35,7 +37,7 @@ from gigatron.kernels.attention import attention
 from gigatron.parallel.comm import all_gather_dim0, reduce_scatter_dim0
 
 __all__ = ["apply_cp", "cp_positions", "cp_shard_batch", "ContextParallelAttention", "AllGatherKV",
-           "gather_ids", "resolve_cp_mode", "kernel_backend"]
+           "kv_positions_of", "SegmentIdsCache", "resolve_cp_mode", "kernel_backend"]
 
 log = logging.getLogger("gigatron")
 CP_DIM = "cp"
@@ -95,13 +97,32 @@ class AllGatherKV(torch.autograd.Function):
         return dkv[0], dkv[1], None
 
 
-@torch.no_grad()
-def gather_ids(positions: torch.Tensor, segment_ids: torch.Tensor | None, mesh: DeviceMesh):
-    """Global kv positions (T,) and kv segment ids (B, T), in the order `AllGatherKV` gathers keys:
-    one all-gather over cp of (T/cp, 1 + B) int64, no gradient."""
-    ids = positions[:, None] if segment_ids is None else torch.cat([positions[:, None], segment_ids.T], 1)
-    ids = all_gather_dim0(ids.long(), mesh, CP_DIM)  # (T, 1 + B)
-    return ids[:, 0].contiguous(), None if segment_ids is None else ids[:, 1:].T.contiguous()
+def kv_positions_of(positions: torch.Tensor, cp: int, causal: bool) -> torch.Tensor:
+    """Global positions (T,) of the keys in the order `AllGatherKV` gathers them (cp-rank order),
+    computed locally: every rank knows which positions every other rank holds (`cp_positions`)."""
+    T = positions.numel() * cp
+    return torch.cat([cp_positions(T, cp, r, device=positions.device, causal=causal) for r in range(cp)])
+
+
+class SegmentIdsCache:
+    """The kv segment (document) ids of a micro-batch, gathered once and shared by every CP attention
+    layer of a model: one all-gather of (T/cp, B) int32 per micro-batch, not one per layer. Entries
+    are keyed by the local ids tensor itself (the same object reaches every layer) and hold a weak
+    reference to it, so a freed tensor whose id is reused never hits."""
+
+    def __init__(self, mesh: DeviceMesh, size: int = 8):
+        self.mesh, self.size = mesh, size
+        self.entries: list[tuple[weakref.ref, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def get(self, segment_ids: torch.Tensor) -> torch.Tensor:
+        for ref, gathered in self.entries:
+            if ref() is segment_ids:
+                return gathered
+        ids = all_gather_dim0(segment_ids.T.to(torch.int32), self.mesh, CP_DIM)  # (T, B), cp-rank order
+        gathered = ids.T.contiguous()  # (B, T)
+        self.entries = [(weakref.ref(segment_ids), gathered)] + self.entries[: self.size - 1]
+        return gathered
 
 
 # -- the module that replaces AttentionCore ------------------------------------------------------
@@ -129,10 +150,12 @@ class ContextParallelAttention(nn.Module):
 
     attention_core = True  # selective checkpointing saves its work (parallel/checkpointing.py)
 
-    def __init__(self, causal: bool, backend: str, mesh: DeviceMesh, mode: str = "auto"):
+    def __init__(self, causal: bool, backend: str, mesh: DeviceMesh, mode: str = "auto",
+                 ids: SegmentIdsCache | None = None):
         super().__init__()
         self.causal, self.backend, self.mesh = causal, kernel_backend(backend), mesh
         self.mode = resolve_cp_mode(mode, causal)
+        self.ids = ids or SegmentIdsCache(mesh)
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}, mode={self.mode}, cp={self.mesh[CP_DIM].size()}, backend={self.backend}"
@@ -141,7 +164,8 @@ class ContextParallelAttention(nn.Module):
     def forward(self, q, k, v, positions, segment_ids, kv_positions=None, kv_segment_ids=None):
         if kv_positions is not None or kv_segment_ids is not None:
             raise NotImplementedError("context parallelism shards self-attention only (kv ids come from the ranks)")
-        kv_positions, kv_segment_ids = gather_ids(positions, segment_ids, self.mesh)  # (T,), (B, T)
+        kv_positions = kv_positions_of(positions, self.mesh[CP_DIM].size(), self.causal)  # (T,), no collective
+        kv_segment_ids = None if segment_ids is None else self.ids.get(segment_ids)  # (B, T), once per micro-batch
         if self.mode == "ring":
             from gigatron.parallel.context_ring import ring_attention
 
@@ -149,7 +173,8 @@ class ContextParallelAttention(nn.Module):
                                   causal=self.causal, backend=self.backend, mesh=self.mesh)
         k, v = AllGatherKV.apply(k, v, self.mesh)  # (B, Hkv, T, D) each
         return attention(q, k, v, causal=self.causal, q_positions=positions, kv_positions=kv_positions,
-                         q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, backend=self.backend)
+                         q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, backend=self.backend,
+                         positions_hint="explicit")  # zigzag positions: no host-side check
 
 
 def apply_cp(model: nn.Module, mesh: DeviceMesh, cfg, plan) -> nn.Module:
@@ -160,13 +185,13 @@ def apply_cp(model: nn.Module, mesh: DeviceMesh, cfg, plan) -> nn.Module:
     sharded with `cp_shard_batch` (the trainer and the pipeline do it)."""
     if mesh[CP_DIM].size() == 1:
         return model
-    swapped = None
+    swapped, ids = None, SegmentIdsCache(mesh)  # one cache per model (pipeline stage)
     for block in blocks_of(model, plan).values():
         for path in plan.cp_attention:
             parent_path, _, attr = path.rpartition(".")
             parent = module_at(block, parent_path) if parent_path else block
             core = getattr(parent, attr)
-            swapped = ContextParallelAttention(core.causal, core.backend, mesh, cfg.parallel.cp_mode)
+            swapped = ContextParallelAttention(core.causal, core.backend, mesh, cfg.parallel.cp_mode, ids)
             setattr(parent, attr, swapped)
     if swapped is not None:
         log.info("context parallel: %s", swapped.extra_repr())

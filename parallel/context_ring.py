@@ -9,7 +9,8 @@ block's (out, lse) into the running result by log-sum-exp (`merge_partials`, exa
 
 Backward (cp steps): the same ring. For the block held at step s, `attention_backward` with the
 GLOBAL out / lse gives this rank's exact share of dq and the block's dk, dv (kernels/attention.py).
-dk, dv travel with their block and accumulate as they go (in fp32); after the last step one more hop
+dk, dv travel with their block and accumulate as they go (summed in fp32 on each rank, sent in the
+input dtype: bf16 under bf16 training, one rounding per hop); after the last step one more hop
 brings each block's complete dk, dv back to its owner. K/V hops (cp-1) overlap with compute; each
 dK/dV hop overlaps with the next step's compute. Tags keep the two kinds of hop apart.
 
@@ -48,7 +49,8 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal, backend, mesh):
         W, r = mesh[CP_DIM].size(), mesh[CP_DIM].get_local_rank()
         t = k.shape[2]  # T/cp
-        mask = dict(causal=causal, q_positions=q_positions, q_segment_ids=q_segment_ids, backend=backend)
+        mask = dict(causal=causal, q_positions=q_positions, q_segment_ids=q_segment_ids, backend=backend,
+                    positions_hint="explicit")  # zigzag blocks: the data-driven mask path, no host sync
         kv = torch.stack([k, v])  # (2, B, Hkv, T/cp, D): one message per hop
         out = lse = None
         for step in range(W):
@@ -70,7 +72,8 @@ class RingAttention(torch.autograd.Function):
         q, k, v, out, lse, q_positions, kv_positions, q_segment_ids, kv_segment_ids = ctx.saved_tensors
         mesh, W = ctx.mesh, ctx.mesh[CP_DIM].size()
         r, t = mesh[CP_DIM].get_local_rank(), k.shape[2]
-        mask = dict(causal=ctx.causal, q_positions=q_positions, q_segment_ids=q_segment_ids, backend=ctx.backend)
+        mask = dict(causal=ctx.causal, q_positions=q_positions, q_segment_ids=q_segment_ids, backend=ctx.backend,
+                    positions_hint="explicit")
         dout = dout.contiguous()
         dq = torch.zeros_like(q, dtype=torch.float32)  # (B, H, T/cp, D)
         kv = torch.stack([k, v])  # (2, B, Hkv, T/cp, D)
@@ -85,8 +88,8 @@ class RingAttention(torch.autograd.Function):
             dkv = torch.stack([dk_b, dv_b]).float()  # this rank's share for the block it holds
             if grad_works is not None:
                 _wait(grad_works)
-                dkv += grad_recv  # the shares of the ranks this block visited before
-            grad_send = dkv  # keep the send buffer alive until its work completes
+                dkv += grad_recv.float()  # the shares of the ranks this block visited before
+            grad_send = dkv.to(k.dtype)  # travels in the input dtype (bf16: half the bytes of fp32)
             grad_recv, grad_works = ring_shift(grad_send, mesh, CP_DIM, tag=GRAD_TAG)  # to r+1 (last: the owner)
             if step < W - 1:
                 _wait(kv_works)
@@ -99,7 +102,7 @@ class RingAttention(torch.autograd.Function):
 def ring_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, causal: bool,
                    backend: str, mesh: DeviceMesh) -> torch.Tensor:
     """q (B, H, T/cp, D), k/v (B, Hkv, T/cp, D) local; kv_positions (T,) / kv_segment_ids (B, T): every
-    rank's ids in cp-rank order (`context.gather_ids`). Returns (B, H, T/cp, D)."""
+    rank's ids in cp-rank order (`context.kv_positions_of`, `SegmentIdsCache`). Returns (B, H, T/cp, D)."""
     backend = resolve_backend(backend, q.device)
     if mesh[CP_DIM].size() == 1:  # nothing circulates
         return attention(q, k, v, causal=causal, q_positions=q_positions, kv_positions=kv_positions,

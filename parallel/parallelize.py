@@ -11,7 +11,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from gigatron.core import rng
-from gigatron.core.family import ModelFamily, blocks_of
+from gigatron.core.family import ModelFamily, blocks_of, module_at
 from gigatron.parallel.checkpointing import apply_ac
 from gigatron.parallel.context import apply_cp
 from gigatron.parallel.fsdp import apply_fsdp
@@ -24,6 +24,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, family: ModelFamily, 
     # 1. tensor + sequence parallel: the family's TP tables over mesh["tp"] (parallel/tensor.py)
     if dims.tp > 1:
         apply_tp(model, mesh, cfg, plan)
+        for path, source in plan.tied(cfg.model):  # TP distributed each user of a shared parameter apart
+            owner, _, name = path.rpartition(".")
+            setattr(module_at(model, owner), name, _parameter_at(model, source))
     # 2. context parallel: the plan's self-attention cores -> all-gather or ring over mesh["cp"]
     if dims.cp > 1:
         apply_cp(model, mesh, cfg, plan)
@@ -33,10 +36,25 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, family: ModelFamily, 
     if cfg.train.compile:
         for block in blocks_of(model, plan).values():
             block.compile()  # in place: parameter names stay those of the model
-    # 5. FSDP over (dp_shard x cp), HSDP with dp_replicate: the outermost dimension
-    if dims.dp * dims.cp > 1:
+    # 5. FSDP over (dp_shard x cp), HSDP with dp_replicate: the outermost dimension. It also carries the
+    # mixed-precision policy (FP32 master weights, compute in param_dtype, FP32 gradient reduction), so
+    # a layout with dp x cp = 1 (tp8 on one node) is wrapped too, over its 1-rank mesh, when compute
+    # is not FP32: every layout computes in the same dtype (no collective runs on a 1-rank mesh)
+    if dims.dp * dims.cp > 1 or param_dtype != torch.float32:
         apply_fsdp(model, mesh, cfg.parallel, param_dtype, plan)
     return model
+
+
+def _parameter_at(model: nn.Module, path: str) -> nn.Parameter:
+    owner, _, name = path.rpartition(".")
+    return getattr(module_at(model, owner), name)
+
+
+def precision_policy(param_dtype: torch.dtype) -> str:
+    """The mixed-precision policy every layout runs (logged at start-up)."""
+    name = str(param_dtype).replace("torch.", "")
+    return (f"parameters float32 (master copy, optimizer state float32), compute {name}, "
+            f"gradients reduced and accumulated in float32")
 
 
 @torch.no_grad()

@@ -97,49 +97,21 @@ def grad_to_param_layout(param: torch.Tensor) -> None:
 
 # -- the vocabulary-parallel loss -----------------------------------------------------------------
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of logits sharded on V over tp, without gathering them.
-    logits (N, V/tp) fp32 local shard starting at column `offset`; labels (N,) global ids, where
-    IGNORE_INDEX marks a token without a loss (0 loss, 0 gradient), as in the tp=1 path.
-    Forward: all-reduce max, all-reduce sum of exp, all-reduce the target logit (each (N,) fp32).
-    Backward: softmax - one_hot on the local columns, no collective."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, offset, mesh):
-        N, V_local = logits.shape
-        valid = labels != IGNORE_INDEX  # (N,)
-        logits_max = logits.max(dim=-1).values.detach()  # (N,)
-        all_reduce(logits_max, mesh, "tp", torch.distributed.ReduceOp.MAX)
-        shifted = logits - logits_max[:, None]  # (N, V/tp)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)  # (N,)
-        all_reduce(sum_exp, mesh, "tp")
-        in_shard = (labels >= offset) & (labels < offset + V_local)  # (N,)
-        local_label = (labels - offset).clamp(0, max(V_local - 1, 0))
-        target = shifted.gather(1, local_label[:, None]).squeeze(1) * in_shard  # (N,)
-        all_reduce(target, mesh, "tp")
-        ctx.save_for_backward(exp.div_(sum_exp[:, None]), local_label, in_shard, valid)
-        return (sum_exp.log() - target) * valid
-
-    @staticmethod
-    def backward(ctx, grad):
-        softmax, local_label, in_shard, valid = ctx.saved_tensors
-        grad_logits = softmax.clone()
-        grad_logits[torch.arange(len(local_label), device=grad.device), local_label] -= in_shard.to(softmax.dtype)
-        return grad_logits * (grad * valid)[:, None], None, None, None
-
-
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
-    """Summed cross-entropy. logits (B, T, V): a DTensor sharded on V (evenly or not) over mesh["tp"],
-    or a plain tensor (tp=1). labels (B, T) global ids. Returns a plain fp32 scalar, the same on all
-    tp ranks; its backward needs no context manager (pipeline schedules call backward elsewhere)."""
+    """Summed cross-entropy; labels equal to IGNORE_INDEX add nothing, as on one device.
+
+    logits (B, T, V): a DTensor sharded on V (evenly or not) over mesh["tp"], or a plain tensor
+    (tp=1). labels (B, T) global ids. Returns a plain fp32 scalar, the same on every tp rank. The
+    kernel (kernels/cross_entropy.py) never gathers the logits: forward all-reduces over tp the row
+    max, the sum of exponentials and the target logit, each (B*T,) fp32; backward has no collective.
+    Its backward needs no context manager (pipeline schedules call backward elsewhere)."""
     if not isinstance(logits, DTensor):
-        return cross_entropy_sum(logits.flatten(0, 1), labels.flatten())  # fused, no (N, V) temporaries
+        return cross_entropy_sum(logits.flatten(0, 1), labels.flatten(), IGNORE_INDEX)  # fused, no (N, V) temporaries
     _, offset = compute_local_shape_and_global_offset(logits.shape, logits.device_mesh, logits.placements)
-    local = logits.to_local().flatten(0, 1).float()  # (B*T, V/tp)
-    return _VocabParallelCrossEntropy.apply(local, labels.flatten(), offset[-1], mesh).sum()
 
+    def tp_all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+        return all_reduce(tensor, mesh, "tp", {"max": torch.distributed.ReduceOp.MAX,
+                                              "sum": torch.distributed.ReduceOp.SUM}[op])
 
-def build_loss_fn(mesh: DeviceMesh):
-    """loss_fn(logits, labels) -> summed cross-entropy; vocabulary-parallel when logits are sharded."""
-    return lambda logits, labels: vocab_parallel_cross_entropy(logits, labels, mesh)
+    return cross_entropy_sum(logits.to_local().flatten(0, 1), labels.flatten(), IGNORE_INDEX,
+                             vocab_offset=offset[-1], all_reduce=tp_all_reduce)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -29,15 +30,44 @@ def main(argv: list[str] | None = None) -> int:
     from gigatron.core.convert.hf import from_hf, to_hf
 
     start = time.perf_counter()
-    if args.direction == "to-hf":
-        dtype = getattr(torch, args.dtype) if args.dtype else None
-        info = to_hf(args.ckpt, args.out, int(args.max_shard_gb * 1e9), dtype, tokenizer=not args.no_tokenizer)
-        print(f"wrote {args.out}: {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB in {info['files']} "
-              f"files ({time.perf_counter() - start:.1f} s)")
-    else:
-        info = from_hf(args.hf_dir, args.ckpt, tokenizer=args.tokenizer)
-        print(f"wrote {args.ckpt}: {info['tensors']} tensors ({time.perf_counter() - start:.1f} s)")
+    try:
+        if args.direction == "to-hf":
+            dtype = getattr(torch, args.dtype) if args.dtype else None
+            ckpt = resolve_checkpoint(args.ckpt)
+            info = to_hf(ckpt, args.out, int(args.max_shard_gb * 1e9), dtype, tokenizer=not args.no_tokenizer)
+            print(f"wrote {args.out} from {ckpt}: {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB in "
+                  f"{info['files']} files ({time.perf_counter() - start:.1f} s)")
+        else:
+            if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
+                raise ConvertError(f"{args.hf_dir} is not a Hugging Face model folder (no config.json)")
+            info = from_hf(args.hf_dir, args.ckpt, tokenizer=args.tokenizer)
+            print(f"wrote {args.ckpt}: {info['tensors']} tensors ({time.perf_counter() - start:.1f} s)")
+    except (ConvertError, ValueError, KeyError, OSError) as err:
+        print(f"gigatron convert: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+class ConvertError(ValueError):
+    """A refusal with a complete message for the user."""
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A step folder as given; a run's checkpoints folder (or the run folder itself) resolves to its
+    `latest` committed step. Anything else is refused with a message, not a traceback."""
+    from gigatron.core.checkpoint import latest
+
+    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, ".metadata")):
+        return path
+    for root in (path, os.path.join(path, "checkpoints")):
+        if os.path.isdir(root):
+            found = latest(root)
+            if found:
+                return found
+    if not os.path.exists(path):
+        raise ConvertError(f"{path} does not exist")
+    raise ConvertError(f"{path} is neither a checkpoint step folder (with .metadata and config.json) nor a "
+                       f"checkpoints folder with a committed step")
 
 
 if __name__ == "__main__":

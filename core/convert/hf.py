@@ -87,7 +87,7 @@ def hf_config(m: LlamaConfig, dtype: torch.dtype, bos: int = LLAMA3_BOS, eos: in
         "vocab_size": m.vocab_size, "rms_norm_eps": m.norm_eps, "hidden_act": "silu",
         "max_position_embeddings": max(m.max_seq_len, 131072 if m.rope_scaling else 0),
         "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
-        "tie_word_embeddings": False, "bos_token_id": bos, "eos_token_id": eos,
+        "tie_word_embeddings": m.tie_embeddings, "bos_token_id": bos, "eos_token_id": eos,
         "initializer_range": m.init_std, "use_cache": True,
         "rope_theta": m.rope_theta, "rope_scaling": scaling, "rope_parameters": rope,  # transformers 4 and 5
         "torch_dtype": dtype_name, "dtype": dtype_name,
@@ -101,13 +101,12 @@ def model_config_from_hf(hf: dict) -> LlamaConfig:
     if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
         raise ValueError(f"head_dim={head_dim} x heads != hidden_size={hf['hidden_size']}: gigatron derives "
                          f"head_dim = dim / n_heads")
-    if hf.get("tie_word_embeddings"):
-        raise ValueError("tied embeddings are not supported by gigatron's Llama (output.weight is separate)")
     m = LlamaConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
                     n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                     ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"], norm_eps=hf["rms_norm_eps"],
                     rope_theta=hf.get("rope_theta") or rope.get("rope_theta", 10000.0),
-                    rope_scaling=scaling is not None, max_seq_len=hf.get("max_position_embeddings", 131072))
+                    rope_scaling=scaling is not None, max_seq_len=hf.get("max_position_embeddings", 131072),
+                    tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
     if scaling:
         m.rope_scaling_factor = scaling["factor"]
         m.rope_low_freq_factor = scaling["low_freq_factor"]
@@ -125,6 +124,8 @@ def to_hf(ckpt: str, out: str, max_shard_bytes: int = 5 * 10**9, dtype: torch.dt
     m = LlamaConfig(**recipe["model"])
     reader = CheckpointReader(ckpt)
     names = sorted((k[len("model."):] for k in reader.keys("model.")), key=_order)
+    if m.tie_embeddings:  # one tensor under two names: Hugging Face stores the embedding and ties lm_head
+        names = [n for n in names if n != "output.weight"]
     entries = [(to_hf_name(n), reader.shape("model." + n), dtype or reader.dtype("model." + n)) for n in names]
     shards, size = [[]], 0
     for entry in entries:  # greedy: a new file once the current one would pass max_shard_bytes
@@ -180,6 +181,8 @@ def from_hf(hf_dir: str, ckpt: str, tokenizer: str = "llama3") -> dict:
     missing = {n for n, _ in _expected(m)} - set(model)
     if missing:
         raise ValueError(f"{hf_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    if m.tie_embeddings:  # the trainer's state dict names the shared tensor twice
+        model["output.weight"] = model["tok_embeddings.weight"]
     ckpt = os.path.abspath(ckpt)
     tmp = ckpt.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

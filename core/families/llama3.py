@@ -44,6 +44,9 @@ def validate(cfg) -> None:
              f"'sdpa' returns no log-sum-exp, which context parallel (cp={p.cp}) needs; set "
              f"model.attention_backend=auto (triton on GPU, the torch kernel on CPU) or torch")
     _require(t.seq_len <= m.max_seq_len, "train.seq_len", f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _require(not m.tie_embeddings or p.pp == 1, "model.tie_embeddings",
+             f"a tied output projection would live on the first and the last of pp={p.pp} stages; "
+             f"untie it (model.tie_embeddings=false) or set parallel.pp=1")
 
 
 def init(m: LlamaConfig, name: str) -> InitRule:
@@ -106,6 +109,7 @@ LLAMA3 = register_family(ModelFamily(
     build=Llama,
     init=init,
     plan=ParallelPlan(blocks="layers", first_stage=("tok_embeddings",), last_stage=("norm", "output"),
+                      tied=lambda m: [("output.weight", "tok_embeddings.weight")] if m.tie_embeddings else [],
                       tp_model=_tp_model, tp_block=_tp_block, cp_attention=("attention.core",), causal=True,
                       block_cost=block_flops, first_cost=embedding_flops, last_cost=output_flops),
     objective=_objective,

@@ -51,6 +51,7 @@ class LlamaConfig:
     document_mask: bool = True            # no attention across documents of a packed sequence
     attention_backend: Literal["auto", "sdpa", "triton", "torch"] = "auto"  # auto: triton on GPU, SDPA on CPU
     init_std: float = 0.02                # std of the normal init of projections
+    tie_embeddings: bool = False          # output projection = token embedding (Llama 3.2 1B/3B); not with pp > 1
 
     @property
     def head_dim(self) -> int:
@@ -151,6 +152,8 @@ class Llama(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight  # one parameter, both (V, dim)
         self.register_buffer("rope_inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,

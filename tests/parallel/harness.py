@@ -98,23 +98,26 @@ def _tp_local_shape(param, tp: int, tp_rank: int) -> tuple[int, ...]:
 
 
 def comm_and_memory(rank: int, world_size: int, overrides: list[str], data_dir: str) -> dict:
-    """One step to warm up, then record the collectives of one micro-batch forward + backward and
-    compare with `analytic_bytes`; count the bytes this rank holds for parameters, gradients and
-    AdamW state after a second step (gradients kept)."""
-    from gigatron.parallel.comm import CommRecorder, analytic_bytes
+    """One step to warm up, then record the collectives of one whole training step and compare them
+    with the layout's textbook minimum (`comm.textbook_bytes`); count the bytes this rank holds for
+    parameters, gradients and AdamW state after a last micro-batch (gradients kept)."""
+    from gigatron.parallel.comm import CommRecorder, textbook_bytes
 
     trainer = build_trainer(world_size, overrides, data_dir)
     cfg, mesh = trainer.cfg, trainer.mesh
     trainer.train_step()
     with CommRecorder(mesh) as recorder:
-        trainer.forward_backward(trainer.next_batch(), 1.0)
+        trainer.train_step()
     tp, tp_rank = cfg.parallel.tp, mesh["tp"].get_local_rank()
     model = trainer.model
-    units = [[_tp_local_shape(p, tp, tp_rank) for p in block.parameters()] for block in model.layers.values()]
-    units.append([_tp_local_shape(p, tp, tp_rank) for n, p in model.named_parameters() if not n.startswith("layers.")])
-    expected = analytic_bytes(cfg, units)
-    measured = {k: v for k, v in recorder.bytes_by().items() if k[0] in ("tp", "fsdp_shard", "dp_replicate")}
-    # memory: keep this micro-batch's gradients, then take an optimizer step (creates AdamW state)
+    units = [sum(_prod(_tp_local_shape(p, tp, tp_rank)) for p in block.parameters()) for block in model.layers.values()]
+    units.append(sum(_prod(_tp_local_shape(p, tp, tp_rank)) for n, p in model.named_parameters()
+                     if not n.startswith("layers.")))
+    m = cfg.model
+    expected = textbook_bytes(cfg, units, trainer.n_micro, 4, m.n_layers, m.dim, m.n_kv_heads, m.head_dim)
+    measured = recorder.bytes_by()
+    # memory: keep one micro-batch's gradients, then take an optimizer step (creates AdamW state)
+    trainer.forward_backward(trainer.next_batch(), 1.0)
     trainer.optimizer.step()
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
     held = {"params": 0, "grads": 0, "optim": 0}
@@ -134,6 +137,13 @@ def comm_and_memory(rank: int, world_size: int, overrides: list[str], data_dir: 
     return {"measured": measured, "expected": expected, "held": held, "total": total,
             "shards": p.tp * p.cp * p.dp // p.dp_replicate,  # HSDP replicates over dp_replicate
             "records": recorder.totals()}
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def run_jobs(rank: int, world_size: int, jobs: list[tuple[str, list[str]]], data_dir: str) -> list:

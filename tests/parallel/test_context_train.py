@@ -21,7 +21,9 @@ MASKED = ["data.format=tokens_masked"]
 RUNS_2 = {"cp2": CP2, "cp2_ring": CP2 + ["parallel.cp_mode=ring"],
           "cp2_selective_ac": CP2 + ["parallel.activation_checkpoint=selective"],
           "dp2_compile": ["parallel.dp=2", "train.compile=true"],
-          "masked:cp2": CP2 + MASKED, "masked:dp2": ["parallel.dp=2"] + MASKED}
+          "masked:cp2": CP2 + MASKED, "masked:dp2": ["parallel.dp=2"] + MASKED,
+          # the vocabulary-parallel cross-entropy honours ignored labels exactly as the tp=1 path
+          "masked:tp2": ["parallel.tp=2", "parallel.dp=1"] + MASKED}
 RUNS_4 = {"tp2_cp2": ["parallel.tp=2", "parallel.cp=2", "parallel.dp=1"],
           "tp2_cp2_ring": ["parallel.tp=2", "parallel.cp=2", "parallel.dp=1", "parallel.cp_mode=ring"],
           "cp2_pp2": ["parallel.cp=2", "parallel.pp=2", "parallel.dp=1"],

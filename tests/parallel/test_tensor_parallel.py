@@ -30,7 +30,7 @@ LAYOUTS = {  # world size -> (name, reference, overrides)
     8: [("tp4 dp2 sp full-ac kv-replicated vocab=258/4", "base",
          ["parallel.tp=4", DP2, SP, "parallel.activation_checkpoint=full"])],
 }
-COMM = {4: [("tp2 dp2 sp", [TP2, DP2, SP]),
+COMM = {4: [("tp2 dp2 sp", [TP2, DP2, SP]), ("dp4", ["parallel.dp=4", "train.micro_batch_size=1"]),
             ("hsdp dp4 (2x2)", ["parallel.dp=4", "parallel.dp_replicate=2", "train.micro_batch_size=1"])],
         8: [("tp4 dp2 sp", ["parallel.tp=4", DP2, SP])]}
 
@@ -72,12 +72,21 @@ def test_parity_with_one_process(results):
     print("\n".join(report))
 
 
-def test_communication_matches_analytic_count(results):
+def test_communication_per_step_is_the_textbook_minimum(results):
+    """Bytes of one whole step (2 micro-batches per rank) per (mesh dim, kind) over the layout's
+    textbook minimum (`comm.textbook_bytes`: FSDP one all-gather and one reduce-scatter per unit per
+    step, Megatron's per-layer TP/SP formulas, not a restatement of the code): each ratio in
+    [1, 1.05] (FSDP pads dim 0 to a multiple of the shard count). What the minimum has no row for
+    must be scalars: the loss-term count, the loss, the stop flags and the gradient norm."""
     _, comm = results
     for name, ranks in comm:
         for rank, r in enumerate(ranks):
-            assert r["measured"] == r["expected"], (name, rank, r["measured"], r["expected"])
-            assert r["measured"], name
+            assert r["expected"], name
+            for key, want in r["expected"].items():
+                got = r["measured"].get(key, 0)
+                assert want <= got <= 1.05 * want, (name, rank, key, got, want)
+            extra = {k: v for k, v in r["measured"].items() if k not in r["expected"]}
+            assert all(kind == "all_reduce" for _, kind in extra) and sum(extra.values()) <= 256, (name, extra)
 
 
 def test_memory_per_rank_is_total_over_tp_dp(results):
