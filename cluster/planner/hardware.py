@@ -10,9 +10,10 @@ Two kinds of numbers live here:
 
 Only two cost-model constants were fitted: `gemm_efficiency` and `layer_collective_overlap`, on
 the nine Megatron-Core weak-scaling rows (`published.py`, fit: `benchmarks/bench_planner.py
---fit`), by minimising the mean absolute relative error of TFLOP/s per GPU. The others are fixed
-from microbenchmarks that vendors and the literature report (cited per constant). Llama 3's two
-8K-sequence 405B rows were held out of the fit.
+--fit`, checked by tests/cluster/test_planner_throughput.py), by minimising the mean absolute
+relative error of TFLOP/s per GPU. The others are fixed from microbenchmarks that vendors and the
+literature report, or counted from the code (cited per constant). Llama 3's two 8K-sequence 405B
+rows were held out of the fit.
 """
 
 from __future__ import annotations
@@ -58,9 +59,11 @@ class CostModel:
     """Constants of the step-time projection (`throughput.py`) and of the memory estimate (`memory.py`)."""
 
     # -- compute ---------------------------------------------------------------------------------
-    # Fraction of the dense peak a large BF16 GEMM sustains inside a training step (cuBLAS on H100
-    # measures 700-800 TFLOP/s on large square GEMMs in isolation; inside a step, clocks throttle
-    # under power). FITTED on the Megatron-Core rows.
+    # Fraction of the dense peak at which the GEMMs' arithmetic proceeds inside a training step;
+    # their operand traffic is added at HBM speed on top (throughput.py), so a large Megatron GEMM
+    # runs at ~0.49 of peak overall. FITTED on the Megatron-Core rows. It is lower than cuBLAS in
+    # isolation (700-800 TFLOP/s, 0.7-0.8 on H100) because it also absorbs what the model does not
+    # itemise: kernel-launch gaps, host synchronisation, power throttling, logging.
     gemm_efficiency: float = 0.537
     # Fraction of the peak a fused (flash) attention kernel sustains on the FLOPs it executes,
     # forward + backward together: "FlashAttention-2 achieves only 35% utilization on the H100"
@@ -100,7 +103,8 @@ class CostModel:
     network_efficiency: float = 0.80
     # Share of the per-layer collectives (TP all-gather / reduce-scatter, CP all-gather of K/V)
     # hidden behind computation by overlapping them with the neighbouring GEMMs (Megatron-Core's
-    # tp-comm-overlap, Llama 3's asynchronous CP/TP). FITTED on the Megatron-Core rows.
+    # tp-comm-overlap). FITTED on the Megatron-Core rows. gigatron's own TP (torch DTensor, no
+    # async TP yet) overlaps less: the projection is what a tuned implementation reaches.
     layer_collective_overlap: float = 0.875
     # Pipeline P2P sends are asynchronous (Llama 3: "asynchronous point-to-point communication");
     # this share of their time hides behind the next micro-batch's compute.

@@ -29,8 +29,9 @@ micro-batches; interleaved (torch's ScheduleInterleaved1F1B, its `_get_warmup_op
 GPipe: all m. "activations" is one micro-batch's worth, "pipeline" the rest in flight.
 
 Buffers: the bf16 gathered weights (the whole stage while reshard_after_forward is false, Llama 3's
-choice; two blocks otherwise), the reduce-scatter staging of two blocks (bf16 gradient + fp32 copy),
-the CUDA context, and the caching allocator's fragmentation over everything else.
+choice; two blocks otherwise), the gradients of two blocks in flight (bf16, plus the fp32 copy the
+reduce-scatter sends when it runs every micro-batch), the CUDA context, and the caching allocator's
+fragmentation over everything else (`allocator_overhead`, an assumption: not measured here).
 """
 
 from __future__ import annotations
@@ -202,7 +203,9 @@ def rank_memory(shape: ModelShape, layout: Layout, pp_rank: int, constants: Cost
 
     block_local = sum(numel(local_shape(t, layout.tp, 0)) for t in shape.layer_tensors(layout.tp))
     gathered = 2.0 * (local if not layout.reshard_after_forward else 2 * block_local)
-    staging = 2 * (2.0 + 4.0) * block_local
+    # two blocks' bf16 gradients in flight; a reduce-scatter per micro-batch also stages their fp32
+    # copy (reduce_dtype), while a deferred sync adds them into the fp32 accumulation instead
+    staging = 2 * (2.0 + (4.0 if layout.grad_sync == "micro_batch" or layout.micro_batches == 1 else 0.0)) * block_local
     subtotal = params + grads_sharded + accumulation + optimizer + activations + pipeline + gathered + staging
     fragmentation = c.allocator_overhead * subtotal
     buffers = gathered + staging + c.context_bytes + fragmentation

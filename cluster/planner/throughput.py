@@ -2,11 +2,15 @@
 
 Per micro-batch, on the slowest pipeline rank (t_tokens = micro_batch * seq_len / cp local tokens):
 
-    compute   = GEMM FLOPs / (peak * gemm_efficiency)
+    compute   = GEMM FLOPs / (peak * gemm_efficiency) + GEMM operand bytes / HBM'
               + executed attention FLOPs / (peak * attention_efficiency)
-              + elementwise bytes / (HBM bandwidth * hbm_efficiency)
-        GEMM FLOPs        6 x matmul weights x t_tokens / tp per block (8 x under full recompute),
-                          plus the output projection on the last stage
+              + elementwise bytes / HBM'                 (HBM' = HBM bandwidth * hbm_efficiency)
+        GEMMs             per block and rank (M, K, N): fused QKV (t, d, (H + 2 Hkv) D / tp),
+                          output (t, H D / tp, d), FFN in (t, d, (m - 1) f / tp), FFN out
+                          (t, f / tp, d); forward + 2 backward GEMMs of the same size: 6 M K N
+                          FLOPs and 3 x 2 (M K + K N + M N) bytes (an additive roofline: what makes
+                          narrow GEMMs slower); x 4/3 under full recompute; the output projection
+                          (t, d, V / tp) on the last stage
         attention FLOPs   12 H D seq_len x t_tokens / tp per block, half executed when causal
                           (4/3 x under full recompute); under context parallelism the kernel
                           keeps a measured fraction of its single-GPU rate
