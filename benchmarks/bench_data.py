@@ -83,7 +83,7 @@ def cfg_for(path: str, fmt: str, batch: int, workers: int, **data):
 
 
 def time_loader(make, batches: int, warmup: int = 2) -> float:
-    """Samples per second of `batches` batches after `warmup` (worker start-up excluded)."""
+    """Samples per second of `batches` batches after `warmup` (>= W, so every worker has started)."""
     loader = make()
     next_batch = loader.next_batch if hasattr(loader, "next_batch") else iter(loader).__next__
     for _ in range(warmup):
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=512, help="JPEGs written for the image benchmark")
     parser.add_argument("--batch", type=int, default=64, help="B, images per batch")
     parser.add_argument("--batches", type=int, default=12, help="timed batches per path and round")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each path is kept")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best of each path is kept")
     parser.add_argument("--workers", type=int, default=2, help="W: reader processes (DALI: threads)")
     parser.add_argument("--clips", type=int, default=8, help="video clips (of --frames frames) cut from bigbuckbunny")
     parser.add_argument("--frames", type=int, default=16, help="F, frames per clip")
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         best = {name: 0.0 for name in paths}
         for _ in range(args.rounds):
             for name, make in paths.items():
-                best[name] = max(best[name], time_loader(make, args.batches))
+                best[name] = max(best[name], time_loader(make, args.batches, warmup=max(2, args.workers)))
         video = {}
         if not args.no_video:
             h264, vp9_list = write_video_shards(os.path.join(folder, "videos"), args.clips, args.frames)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                   num_frames=args.frames), "train", 0, 1),
             }
             for name, make in video_paths.items():
-                clips = max(time_loader(make, 6, warmup=1) for _ in range(args.rounds))
+                clips = max(time_loader(make, 6, warmup=max(2, args.workers)) for _ in range(args.rounds))
                 video[name] = {"clips_per_s": clips, "frames_per_s": clips * args.frames,
                                "clips_per_s_per_core": clips / cores, "frames_per_s_per_core": clips * args.frames / cores}
     need = vit_h14_images_per_gpu()
