@@ -27,7 +27,7 @@ class GPU:
 
     name: str
     peak_flops: float        # dense BF16 tensor-core peak, FLOP/s (no sparsity)
-    memory_bytes: float      # HBM capacity
+    memory_bytes: float      # HBM capacity the planner fills (bytes)
     hbm_bandwidth: float     # HBM bandwidth
     nvlink_bandwidth: float  # intra-node (NVLink/NVSwitch) bandwidth per GPU per direction
     network_bandwidth: float  # inter-node (InfiniBand / RoCE) bandwidth per GPU per direction
@@ -40,10 +40,11 @@ GIB = 2 ** 30
 GPUS: dict[str, GPU] = {
     # H100 SXM5: 989 TFLOP/s dense BF16, 80 GB HBM3 at 3.35 TB/s, NVLink 4 at 450 GB/s per
     # direction (900 GB/s bidirectional), one 400 Gb/s NDR NIC per GPU (shared/notes/references.md)
-    # capacity: what the device reports (81,559 MiB for the "80 GB" H100, 143,771 MiB for H200)
-    "h100-sxm": GPU("h100-sxm", 989e12, 81559 * 2 ** 20, 3.35e12, 450e9, 50e9),
+    # capacity for planning: the marketed size in decimal GB (80e9 B), ~5.5 GB below the 81,559 MiB
+    # the "80 GB" H100 reports, a margin beyond the allocator overhead below (likewise H200, A100)
+    "h100-sxm": GPU("h100-sxm", 989e12, 80 * GB, 3.35e12, 450e9, 50e9),
     # H200 SXM: the H100's compute, 141 GB HBM3e at 4.8 TB/s
-    "h200": GPU("h200", 989e12, 143771 * 2 ** 20, 4.8e12, 450e9, 50e9),
+    "h200": GPU("h200", 989e12, 141 * GB, 4.8e12, 450e9, 50e9),
     # A100 SXM4 80 GB: 312 TFLOP/s BF16, HBM2e 2.04 TB/s, NVLink 3 300 GB/s/direction, HDR 200 Gb/s
     "a100": GPU("a100", 312e12, 80 * GB, 2.04e12, 300e9, 25e9),
     # H800: an H100 with NVLink cut to 200 GB/s per direction (export variant)

@@ -9,9 +9,10 @@ of `micro_batch` samples, each sample `seq_len` tokens (split over cp).
 
 `grad_sync`: when FSDP reduce-scatters gradients.
 - "micro_batch": after every micro-batch's backward; the sharded FP32 gradient accumulates
-  (gigatron without a pipeline: core/train.py).
+  (gigatron's parallel.grad_sync=per_microbatch without a pipeline: core/train.py).
 - "step": once, after the last micro-batch; until then the unsharded gradient accumulates in FP32
-  (gigatron's pipeline stages defer the sync: parallel/pipeline.py; Megatron-Core and Llama 3).
+  and the parameters stay gathered (parallel.grad_sync=per_step, the default; pipeline stages
+  always defer the sync: parallel/pipeline.py; Megatron-Core and Llama 3).
 """
 
 from __future__ import annotations
@@ -70,4 +71,5 @@ def layout_from_config(cfg) -> Layout:
                   pp_schedule=p.pp_schedule, pp_first_last_fewer_layers=p.pp_first_last_fewer_layers,
                   micro_batch=t.micro_batch_size, micro_batches=t.global_batch_size // (t.micro_batch_size * p.dp),
                   activation_checkpoint=p.activation_checkpoint, reshard_after_forward=p.reshard_after_forward,
-                  grad_sync="step" if p.pp > 1 else "micro_batch")
+                  grad_sync="step" if p.pp > 1 or getattr(p, "grad_sync", "per_microbatch") == "per_step"
+                  else "micro_batch")

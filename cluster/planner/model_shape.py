@@ -207,7 +207,8 @@ def llama3_shape(cfg) -> ModelShape:
     m = cfg.model
     return ModelShape(name=f"llama3 ({m.n_layers} layers, dim {m.dim})", n_layers=m.n_layers, dim=m.dim,
                       ffn_dim=m.ffn_dim, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, seq_len=cfg.train.seq_len,
-                      vocab_size=m.vocab_size, output_dim=m.vocab_size, ffn_matrices=3, causal=True)
+                      vocab_size=m.vocab_size, output_dim=m.vocab_size, ffn_matrices=3, causal=True,
+                      tied_embeddings=bool(getattr(m, "tie_embeddings", False)))
 
 
 register_family("llama3", llama3_shape)

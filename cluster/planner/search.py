@@ -7,7 +7,8 @@ Enumerated (gigatron's own rules, core/config.py validate()):
          interleaved schedule when v > 1, 1F1B otherwise
     dp   the rest: gpus / (tp cp pp), which must divide the global batch with the micro-batch
     micro-batch 1, 2, 4 samples; at least pp micro-batches with a pipeline
-    activation checkpointing none / selective / full; reshard_after_forward false / true
+    activation checkpointing none / selective / full; reshard_after_forward false / true;
+    gradient sync per step or per micro-batch (parallel.grad_sync; pipelines always per step)
 Each candidate gets the memory estimate and the projected step; those that fit are ranked by
 projected step time (equivalently tokens/s per GPU; the batch is fixed). A layout (degrees,
 virtual stages, micro-batching) is listed once, with its fastest recompute/resharding choice.
@@ -15,6 +16,7 @@ virtual stages, micro-batching) is listed once, with its fastest recompute/resha
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from gigatron.cluster.planner.hardware import COST_MODEL, GPU, CostModel
@@ -68,15 +70,16 @@ def candidate_layouts(shape: ModelShape, gpus: int, global_batch: int, gpu: GPU,
                         m = global_batch // (dp * micro_batch)
                         if pp > 1 and m < pp:
                             continue
-                        for ac in ("none", "selective", "full"):
-                            for reshard in (False, True):
-                                out.append(Layout(tp=tp, cp=cp, pp=pp, dp=dp, sequence_parallel=tp > 1,
-                                                  pp_virtual_stages=v,
-                                                  pp_schedule="interleaved_1f1b" if v > 1 else "1f1b",
-                                                  pp_first_last_fewer_layers=fewer if pp > 1 else 0,
-                                                  micro_batch=micro_batch, micro_batches=m,
-                                                  activation_checkpoint=ac, reshard_after_forward=reshard,
-                                                  grad_sync="step" if pp > 1 else "micro_batch"))
+                        syncs = ("step",) if pp > 1 or m == 1 else ("step", "micro_batch")
+                        for ac, reshard, sync in itertools.product(("none", "selective", "full"), (False, True),
+                                                                   syncs):
+                            out.append(Layout(tp=tp, cp=cp, pp=pp, dp=dp, sequence_parallel=tp > 1,
+                                              pp_virtual_stages=v,
+                                              pp_schedule="interleaved_1f1b" if v > 1 else "1f1b",
+                                              pp_first_last_fewer_layers=fewer if pp > 1 else 0,
+                                              micro_batch=micro_batch, micro_batches=m,
+                                              activation_checkpoint=ac, reshard_after_forward=reshard,
+                                              grad_sync=sync))
     return out
 
 
