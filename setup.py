@@ -8,6 +8,8 @@ is an implicit namespace package (PEP 420), so no file has to sit at the reposit
 from setuptools import find_packages, setup
 
 FOLDERS = ["core", "parallel", "kernels", "data_pipeline", "cluster"]
+DATA = ["webdataset==1.0.2", "av>=18", "pillow", "braceexpand", "nvidia-dali-cuda120==2.4.0", "xxhash", "zstd",
+        "python-snappy", "Brotli", "catalogue"]
 
 packages, package_dir = [], {}
 for folder in FOLDERS:
@@ -25,8 +27,10 @@ setup(
     package_dir=package_dir,
     package_data={"gigatron.cluster": ["*.sh"]},
     install_requires=[
-        # GPU clusters keep their own torch; the CPU set-up pins torch==2.13.0 (see README).
-        "torch>=2.6",
+        # GPU clusters keep their own torch. The floor is the oldest torch the engine targets (the GPU
+        # lab machine's 2.11, with Triton 3.6); the few 2.13-only names have fallbacks
+        # (parallel/comm.py). Tested here on 2.13 (CPU); the CPU set-up pins torch==2.13.0 (README).
+        "torch>=2.11",
         "numpy",
         "pyyaml",
         "tqdm",
@@ -37,8 +41,12 @@ setup(
     ],
     extras_require={
         "cpu": ["torch==2.13.0"],
-        "test": ["pytest", "transformers>=4.57", "matplotlib", "triton"],
-        "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda120"],
+        # image/video readers: WebDataset, PyAV, DALI (CPU pipelines work without a GPU), and the small
+        # deps of mosaicml-streaming, which itself installs with --no-deps (it would replace a pinned torch)
+        "data": DATA,
+        "test": ["pytest", "transformers>=4.57", "matplotlib", "pillow", "triton", "scikit-learn", "scikit-image",
+                 "scikit-video", *DATA],
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     },
     entry_points={"console_scripts": ["gigatron=gigatron.core.cli:main"]},
 )

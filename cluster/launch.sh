@@ -222,9 +222,12 @@ set_distributed_env() {
     # Free collective buffers when the collective ends instead of through recordStream: lower, more
     # predictable memory with FSDP2 and async TP.
     default_env TORCH_NCCL_AVOID_RECORD_STREAMS 1
-    # One CUDA hardware queue, so kernels start in issue order: tensor/sequence-parallel
-    # communication then overlaps with compute in the order the code schedules it.
-    default_env CUDA_DEVICE_MAX_CONNECTIONS 1
+    # 32 CUDA hardware queues (the most; CUDA's default is 8). FSDP2 issues its all-gathers and
+    # reduce-scatters on their own streams to overlap them with the compute stream; with 1 queue
+    # (Megatron's setting, which orders its hand-scheduled TP communication before compute) every
+    # stream's kernels are serialised and that overlap is lost. Our TP collectives (DTensor) run
+    # synchronously on the compute stream and need no issue-order guarantee.
+    default_env CUDA_DEVICE_MAX_CONNECTIONS 32
     # NCCL flight recorder: keep the last 20000 collectives per rank and dump them to
     # RUN_DIR/nccl_trace/rank_<R> on a timeout, to find the rank that hung. (torch < 2.8 names the
     # first and last TORCH_NCCL_TRACE_BUFFER_SIZE and TORCH_NCCL_DEBUG_INFO_TEMP_FILE; newer torch

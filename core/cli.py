@@ -3,7 +3,12 @@
     gigatron train RECIPE [--set k=v]       train in this process (torchrun: -m gigatron.core.train)
     gigatron validate RECIPE [--world-size N] [--set k=v]   check a recipe, start nothing
     gigatron layout RECIPE [--set k=v]      print world_size and degrees (used by cluster/launch.sh)
-    gigatron plan RECIPE [--json]           parameter count and layout, without allocating the model
+    gigatron plan RECIPE [--gpus N] [--gpu h100-sxm] [--search] [--json]
+                                            parameters, memory per GPU, step time and MFU at full scale
+    gigatron status RUN_DIR                 one screen: progress, loss trend, throughput, stragglers, restarts
+    gigatron report RUN_DIR                 a self-contained HTML report of a run
+    gigatron prepare-images SRC OUT         image folder / labelled arrays -> WebDataset shards (+ DALI index)
+    gigatron prepare-videos SRC OUT         video clips -> WebDataset shards (frames or clips, captions)
     gigatron prepare-text SOURCES --out P   tokenize text into token shards
     gigatron convert to-hf CKPT OUT         checkpoint -> Hugging Face Llama (safetensors, config, tokenizer)
     gigatron convert from-hf HF_DIR CKPT    Hugging Face Llama -> model-only checkpoint (checkpoint.load=CKPT)
@@ -25,6 +30,14 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    routes = {"prepare-images": "gigatron.data_pipeline.prepare_images", "prepare-videos": "gigatron.data_pipeline.prepare_videos",
+              "plan": "gigatron.cluster.planner.cli", "status": "gigatron.cluster.monitor.cli",
+              "report": "gigatron.cluster.monitor.cli"}
+    if argv and argv[0] in routes:  # each tool parses its own arguments and reports its own errors
+        import importlib
+
+        module = importlib.import_module(routes[argv[0]])
+        return module.main(argv if argv[0] in ("plan", "status", "report") else argv[1:]) or 0
     if argv and argv[0] == "prepare-text":
         from gigatron.data_pipeline.prepare import main as prepare_main
 
@@ -48,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     p_validate.add_argument("--world-size", type=int, default=None, help="processes the job will have")
     p_layout = sub.add_parser("layout", help="print the world size and degrees of a recipe")
     _recipe_args(p_layout)
-    p_plan = sub.add_parser("plan", help="parameter count and layout, computed on the meta device")
-    _recipe_args(p_plan)
-    p_plan.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, text in [("plan", "memory, step time and MFU at full scale (gigatron plan -h)"),
+                       ("status", "one screen on a run directory"), ("report", "HTML report of a run directory"),
+                       ("prepare-images", "images -> WebDataset shards"), ("prepare-videos", "videos -> WebDataset shards")]:
+        sub.add_parser(name, help=text)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.recipe, args.overrides, world_size=getattr(args, "world_size", None))
@@ -62,11 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ok: {args.recipe} (world size {p.world_size})")
     elif args.command == "layout":
         print(f"world_size={p.world_size} tp={p.tp} cp={p.cp} pp={p.pp} dp={p.dp}")
-    elif args.command == "plan":
-        from gigatron.cluster.plan import format_plan, plan, to_json
-
-        info = plan(cfg)
-        print(to_json(info) if args.json else format_plan(info))
     return 0
 
 

@@ -58,6 +58,7 @@ class TrainConfig:
     seed: int = 0                         # seeds init, data order and dropout
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
     compile: bool = False                 # torch.compile each block
+    deterministic: bool = False           # bitwise-reproducible kernels (fixed attention tiles, torch deterministic algorithms)
     max_skipped_steps: int = 5            # stop after this many non-finite loss/grad steps in a row
     eval_every: int = 0                   # evaluate on the held-out split every N steps; 0 = never
     eval_batches: int = 4                 # micro-batches per rank in one evaluation

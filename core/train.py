@@ -99,6 +99,11 @@ class Trainer:
         if dist.get_rank() == 0:
             log.info("precision: %s", precision_policy(compute_dtype(cfg)))
         self.model, self.pipeline = build_model(cfg, dims, self.family, self.objective, self.device)
+        if cfg.train.deterministic:  # the same accumulation order in every run: bitwise resume on GPUs too
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            for module in self.model.modules():
+                if getattr(module, "attention_core", False):
+                    module.deterministic = True
         self.optimizer = build_optimizer(self.model, cfg.train, self.family.no_decay)
         self.schedule_start = schedule_start
         t = cfg.train
@@ -131,11 +136,13 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
     def state_extra(self, data_layout: int | None = None) -> dict:
         """What a checkpoint holds besides model and optimizer. The loader's position is saved per
-        data-parallel rank (`data.dp<r>`; the tp/cp/pp ranks of one dp rank read the same stream)."""
+        data-parallel rank (`data.dp<r>`; the tp/cp/pp ranks of one dp rank read the same stream).
+        data_layout: the saved dp size, to load every old rank's position (readers that re-split
+        their streams, `resume_from_layout`) or only this rank's (the others)."""
         state = self.loader.state_dict()
-        if data_layout is None or data_layout == self.dims.dp:
+        if data_layout is None or (data_layout == self.dims.dp and not hasattr(self.loader, "resume_from_layout")):
             data = {f"dp{self.dp_rank}": state}
-        else:  # resuming under another dp size: every old rank's position, for the loader to re-split
+        else:
             data = {f"dp{r}": state for r in range(data_layout)}
         return {"step": self.step, "data_dp_size": self.dims.dp, "data": data}
 
@@ -149,10 +156,10 @@ class Trainer:
     def _load_data_state(self, extra: dict, legacy: bool, saved_dp: int) -> None:
         if legacy:  # written before per-rank data state: one global stream position
             self.loader.load_state_dict(extra["data"])
+        elif hasattr(self.loader, "resume_from_layout"):  # also right when only num_workers changed
+            self.loader.resume_from_layout([extra["data"][f"dp{r}"] for r in range(saved_dp)])
         elif saved_dp == self.dims.dp:
             self.loader.load_state_dict(extra["data"][f"dp{self.dp_rank}"])
-        elif hasattr(self.loader, "resume_from_layout"):
-            self.loader.resume_from_layout([extra["data"][f"dp{r}"] for r in range(saved_dp)])
         else:
             raise ConfigError("parallel.dp", f"the checkpoint was written with dp={saved_dp} and this run has "
                                              f"dp={self.dims.dp}, which the '{self.cfg.data.format}' reader cannot "
@@ -326,6 +333,9 @@ class Trainer:
         bar.close()
         path = self.save()
         self.checkpointer.wait()
+        for loader in (self.loader, self.eval_loader):
+            if hasattr(loader, "close"):
+                loader.close()
         if rank0:
             writer.close()
             log.info("finished %d steps%s; checkpoint %s", self.step,
@@ -381,9 +391,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg.run.dir = os.path.join("runs", os.path.splitext(os.path.basename(args.recipe))[0])
     torch.set_num_threads(max(1, torch.get_num_threads()))
     dims = init_distributed(cfg.parallel)
+    from gigatron.data_pipeline.loader import DataError
+
     try:
         code = run_stages(cfg, dims)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:  # a bad recipe or too much bad data: one line, no traceback
         print(f"gigatron: {err}", file=sys.stderr)
         code = 2
     dist.barrier()

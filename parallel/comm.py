@@ -143,6 +143,12 @@ def all_reduce(x: torch.Tensor, mesh: DeviceMesh, dim: str, op=dist.ReduceOp.SUM
     return x
 
 
+# torch 2.13 renamed the flat collectives (all_gather_into_tensor -> all_gather_single, ...); the
+# engine runs from torch 2.11 on, so take whichever this torch has
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def all_gather_dim0(x: torch.Tensor, mesh: DeviceMesh, dim: str) -> torch.Tensor:
     """(n, ...) -> (W*n, ...) over mesh[dim], rank-ordered along dim 0 (the flat layout gloo needs).
     Conjugate pair: forward all-gather, backward `reduce_scatter_dim0`. Not autograd-aware (context
@@ -151,7 +157,7 @@ def all_gather_dim0(x: torch.Tensor, mesh: DeviceMesh, dim: str) -> torch.Tensor
     if W == 1:
         return x
     out = x.new_empty((W * x.shape[0], *x.shape[1:]))
-    dist.all_gather_single(out, x.contiguous(), group=mesh[dim].get_group())
+    _all_gather_flat(out, x.contiguous(), group=mesh[dim].get_group())
     return out
 
 
@@ -162,7 +168,7 @@ def reduce_scatter_dim0(x: torch.Tensor, mesh: DeviceMesh, dim: str) -> torch.Te
     if W == 1:
         return x
     out = x.new_empty((x.shape[0] // W, *x.shape[1:]))
-    dist.reduce_scatter_single(out, x.contiguous(), group=mesh[dim].get_group())
+    _reduce_scatter_flat(out, x.contiguous(), group=mesh[dim].get_group())
     return out
 
 

@@ -156,6 +156,7 @@ class ContextParallelAttention(nn.Module):
         self.causal, self.backend, self.mesh = causal, kernel_backend(backend), mesh
         self.mode = resolve_cp_mode(mode, causal)
         self.ids = ids or SegmentIdsCache(mesh)
+        self.deterministic = False  # fixed kernel configurations, no autotune (train.deterministic)
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}, mode={self.mode}, cp={self.mesh[CP_DIM].size()}, backend={self.backend}"
@@ -170,11 +171,12 @@ class ContextParallelAttention(nn.Module):
             from gigatron.parallel.context_ring import ring_attention
 
             return ring_attention(q, k, v, positions, kv_positions, segment_ids, kv_segment_ids,
-                                  causal=self.causal, backend=self.backend, mesh=self.mesh)
+                                  causal=self.causal, backend=self.backend, mesh=self.mesh,
+                                  deterministic=self.deterministic)
         k, v = AllGatherKV.apply(k, v, self.mesh)  # (B, Hkv, T, D) each
         return attention(q, k, v, causal=self.causal, q_positions=positions, kv_positions=kv_positions,
                          q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, backend=self.backend,
-                         positions_hint="explicit")  # zigzag positions: no host-side check
+                         positions_hint="explicit", deterministic=self.deterministic)  # zigzag: no host check
 
 
 def apply_cp(model: nn.Module, mesh: DeviceMesh, cfg, plan) -> nn.Module:

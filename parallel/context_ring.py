@@ -46,11 +46,12 @@ class RingAttention(torch.autograd.Function):
     """out = softmax(q K^T) V over the keys of all cp ranks; gradients for the local q, k, v."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal, backend, mesh):
+    def forward(ctx, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal, backend, mesh,
+                deterministic=False):
         W, r = mesh[CP_DIM].size(), mesh[CP_DIM].get_local_rank()
         t = k.shape[2]  # T/cp
         mask = dict(causal=causal, q_positions=q_positions, q_segment_ids=q_segment_ids, backend=backend,
-                    positions_hint="explicit")  # zigzag blocks: the data-driven mask path, no host sync
+                    positions_hint="explicit", deterministic=deterministic)  # zigzag blocks: no host sync
         kv = torch.stack([k, v])  # (2, B, Hkv, T/cp, D): one message per hop
         out = lse = None
         for step in range(W):
@@ -64,7 +65,7 @@ class RingAttention(torch.autograd.Function):
                 kv = next_kv
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
-        ctx.causal, ctx.backend, ctx.mesh = causal, backend, mesh
+        ctx.causal, ctx.backend, ctx.mesh, ctx.deterministic = causal, backend, mesh, deterministic
         return out
 
     @staticmethod
@@ -73,7 +74,7 @@ class RingAttention(torch.autograd.Function):
         mesh, W = ctx.mesh, ctx.mesh[CP_DIM].size()
         r, t = mesh[CP_DIM].get_local_rank(), k.shape[2]
         mask = dict(causal=ctx.causal, q_positions=q_positions, q_segment_ids=q_segment_ids, backend=ctx.backend,
-                    positions_hint="explicit")
+                    positions_hint="explicit", deterministic=ctx.deterministic)
         dout = dout.contiguous()
         dq = torch.zeros_like(q, dtype=torch.float32)  # (B, H, T/cp, D)
         kv = torch.stack([k, v])  # (2, B, Hkv, T/cp, D)
@@ -96,16 +97,17 @@ class RingAttention(torch.autograd.Function):
                 kv = next_kv
         _wait(grad_works)  # grad_recv now holds this rank's own block's complete dk, dv
         return (dq.to(q.dtype), grad_recv[0].to(k.dtype), grad_recv[1].to(v.dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def ring_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, causal: bool,
-                   backend: str, mesh: DeviceMesh) -> torch.Tensor:
+                   backend: str, mesh: DeviceMesh, deterministic: bool = False) -> torch.Tensor:
     """q (B, H, T/cp, D), k/v (B, Hkv, T/cp, D) local; kv_positions (T,) / kv_segment_ids (B, T): every
     rank's ids in cp-rank order (`context.kv_positions_of`, `SegmentIdsCache`). Returns (B, H, T/cp, D)."""
     backend = resolve_backend(backend, q.device)
     if mesh[CP_DIM].size() == 1:  # nothing circulates
         return attention(q, k, v, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
-                         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, backend=backend)
+                         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, backend=backend,
+                         deterministic=deterministic)
     return RingAttention.apply(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                               causal, backend, mesh)
+                               causal, backend, mesh, deterministic)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -73,7 +74,18 @@ class Checkpointer:
         if self.async_save and dist.is_initialized():
             future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
             future = getattr(future, "upload_completion", future)  # AsyncSaveResponse in newer torch
-            self.pending = (future, tmp, final, step)
+            sums: dict = {}
+
+            def finish():  # off the training thread: wait for the write, then checksum this rank's shards
+                try:
+                    future.result()
+                    sums.update(_own_checksums(tmp, rank))
+                except BaseException as err:  # noqa: BLE001 - re-raised by wait()
+                    sums["__error__"] = err
+
+            thread = threading.Thread(target=finish, name="gigatron-checkpoint", daemon=True)
+            thread.start()
+            self.pending = (thread, sums, tmp, final, step)
         else:
             dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
             self._commit(tmp, final, step)
@@ -82,17 +94,18 @@ class Checkpointer:
     def wait(self) -> None:
         """Finish and commit an asynchronous save, if one is in flight (all ranks call this)."""
         if self.pending is not None:
-            future, tmp, final, step = self.pending
+            thread, sums, tmp, final, step = self.pending
             self.pending = None
-            future.result()
-            self._commit(tmp, final, step)
+            thread.join()
+            if "__error__" in sums:
+                raise sums["__error__"]
+            self._commit(tmp, final, step, own=sums)
 
-    def _commit(self, tmp: str, final: str, step: int) -> None:
+    def _commit(self, tmp: str, final: str, step: int, own: dict | None = None) -> None:
         rank, world = _rank_world()
+        if own is None:
+            own = _own_checksums(tmp, rank)
         self._barrier()  # every rank's shards (and rank 0's .metadata) are written
-        mine = sorted(n for n in os.listdir(tmp) if n.startswith(f"__{rank}_"))
-        own = {n: {"size": os.path.getsize(os.path.join(tmp, n)), "crc32": crc32_file(os.path.join(tmp, n))}
-               for n in mine}
         gathered = [None] * world
         if dist.is_initialized() and world > 1:
             dist.gather_object(own, gathered if rank == 0 else None, dst=0)
@@ -134,6 +147,12 @@ class Checkpointer:
     def load(self, path: str, model, optimizer, extra: dict) -> dict | None:
         """Load `path` (already verified by resume_path) into any layout; None if model-only."""
         return load(path, model, optimizer, extra, verify=False)
+
+
+def _own_checksums(tmp: str, rank: int) -> dict:
+    """Size and CRC-32 of the shard files this rank wrote (DCP names them __<rank>_<i>.distcp)."""
+    mine = sorted(n for n in os.listdir(tmp) if n.startswith(f"__{rank}_"))
+    return {n: {"size": os.path.getsize(os.path.join(tmp, n)), "crc32": crc32_file(os.path.join(tmp, n))} for n in mine}
 
 
 def save(root: str, step: int, model, optimizer, extra: dict, keep_last: int = 0, **options) -> str:

@@ -49,6 +49,7 @@ class AttentionCore(nn.Module):
         super().__init__()
         self.causal = causal
         self.backend = backend
+        self.deterministic = False  # fixed kernel configurations, no autotune (train.deterministic)
 
     def forward(self, q, k, v, positions, segment_ids, kv_positions=None, kv_segment_ids=None):
         """q (B, H, T, D); k, v (B, Hkv, S, D); positions (T,); segment_ids (B, T) or None.
@@ -60,7 +61,8 @@ class AttentionCore(nn.Module):
             from gigatron.kernels import attention
 
             return attention(q, k, v, causal=self.causal, q_positions=positions, kv_positions=kv_positions,
-                             q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, backend=backend)
+                             q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, backend=backend,
+                             deterministic=self.deterministic)
         gqa = q.shape[1] != k.shape[1]
         plain_causal = self.causal and segment_ids is None and kv_positions is positions
         if plain_causal:

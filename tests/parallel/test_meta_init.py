@@ -26,7 +26,7 @@ def _build_405b(rank, world_size):
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=16384)
     # Llama 3's TP=8 inside a node; pipeline stages are parallel/pipeline.py's, so dp takes pp's share
     cfg = load_config(os.path.join(ROOT, "recipes/llama3_405b.yaml"),
-                      ["parallel.pp=1", "parallel.pp_virtual_stages=1", "parallel.pp_schedule=1f1b",
+                      ["stages=[]", "parallel.pp=1", "parallel.pp_virtual_stages=1", "parallel.pp_schedule=1f1b",
                        "parallel.dp=2048", "parallel.activation_checkpoint=selective"], world_size=16384)
     dims = ParallelDims.from_config(cfg.parallel)
     dims.build_mesh("cpu")
