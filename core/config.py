@@ -189,6 +189,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     _require(t.eval_every >= 0, "train.eval_every", f"{t.eval_every} must be >= 0 (0 = no evaluation)")
     _require(t.eval_every == 0 or t.eval_batches >= 1, "train.eval_batches",
              f"{t.eval_batches} must be >= 1 when train.eval_every={t.eval_every}")
+    _require(t.eval_every == 0 or p.pp == 1, "train.eval_every",
+             f"evaluation under pipeline parallelism (pp={p.pp}) is not supported yet; set train.eval_every=0")
     _require(t.eval_every == 0 or cfg.data.eval_fraction > 0, "data.eval_fraction",
              f"evaluation (train.eval_every={t.eval_every}) needs a held-out split: set data.eval_fraction > 0")
     return cfg

@@ -78,6 +78,15 @@ def build_model(cfg: Config, dims: ParallelDims, family: ModelFamily, objective,
     return model, None
 
 
+def peak_memory_gb() -> float:
+    """This rank's peak memory so far: the CUDA allocator's peak on a GPU, the process's peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -265,15 +274,12 @@ class Trainer:
         return {"loss": loss_sum.item() / max(count.item(), 1), "lr": lr, "grad_norm": grad_norm.item(),
                 f"{self.family.samples_unit}_per_s": units / elapsed, "tflops_per_device": tflops,
                 "mfu": tflops * 1e12 / peak if peak else None, "step_time_s": elapsed,
-                "data_wait_fraction": self.data_wait / elapsed}
+                "data_wait_fraction": self.data_wait / elapsed, "peak_memory_gb": peak_memory_gb()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean held-out loss (and the family's metrics) over train.eval_batches micro-batches per rank."""
-        if self.pipeline is not None:
-            raise ConfigError("train.eval_every", "evaluation under pipeline parallelism is not supported yet; "
-                                                  "set train.eval_every=0 or parallel.pp=1")
-        self.model.eval()
+        self.model.eval()  # (validate() refuses eval_every with pp > 1)
         totals: dict[str, list[torch.Tensor]] = {}
         for _ in range(self.cfg.train.eval_batches):
             batch = self.next_batch(self.eval_loader)

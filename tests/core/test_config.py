@@ -39,6 +39,12 @@ INVALID = [
     (["train.min_lr=1.0"], None, "train.min_lr", "must lie in [0, train.lr"),
     (["train.lr=5"], None, "train.lr", "not a sensible peak learning rate"),
     (["train.seq_len=16384"], None, "train.seq_len", "exceeds model.max_seq_len"),
+    # the family seam: family rules, evaluation, stages
+    (["model.name=gpt9"], None, "model.name", "unknown model family 'gpt9'"),
+    (["model.tie_embeddings=true", "parallel.pp=2", "parallel.dp=1"], 2, "model.tie_embeddings", "untie it"),
+    (["train.eval_every=5", "data.eval_fraction=0"], None, "data.eval_fraction", "held-out split"),
+    (["train.eval_every=5", "parallel.pp=2", "parallel.dp=1"], 2, "train.eval_every", "pipeline parallelism"),
+    (["parallel.grad_sync=sometimes"], None, "parallel.grad_sync", "choose one of"),
     (["parallel.tp=4", "parallel.dp=1", "train.seq_len=254"], 4, "train.seq_len", "divisible by tp=4"),
     # pipeline layouts (parallel/pipeline.py)
     (["parallel.pp=4", "parallel.dp=1", "train.global_batch_size=4", "train.micro_batch_size=2"], 4,
