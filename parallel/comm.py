@@ -271,10 +271,3 @@ def cp_attention_bytes(mode: str, batch: int, seq_len: int, kv_heads: int, head_
     if ids:
         out[("cp", "all_gather")] = ids
     return out
-
-
-def _prod(xs) -> int:
-    n = 1
-    for x in xs:
-        n *= x
-    return n

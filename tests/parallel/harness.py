@@ -3,6 +3,7 @@ accounting tests compare: per-step losses, full final parameters, and per-rank b
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -110,8 +111,8 @@ def comm_and_memory(rank: int, world_size: int, overrides: list[str], data_dir: 
         trainer.train_step()
     tp, tp_rank = cfg.parallel.tp, mesh["tp"].get_local_rank()
     model = trainer.model
-    units = [sum(_prod(_tp_local_shape(p, tp, tp_rank)) for p in block.parameters()) for block in model.layers.values()]
-    units.append(sum(_prod(_tp_local_shape(p, tp, tp_rank)) for n, p in model.named_parameters()
+    units = [sum(math.prod(_tp_local_shape(p, tp, tp_rank)) for p in block.parameters()) for block in model.layers.values()]
+    units.append(sum(math.prod(_tp_local_shape(p, tp, tp_rank)) for n, p in model.named_parameters()
                      if not n.startswith("layers.")))
     m = cfg.model
     expected = textbook_bytes(cfg, units, trainer.n_micro, 4, m.n_layers, m.dim, m.n_kv_heads, m.head_dim)
@@ -137,13 +138,6 @@ def comm_and_memory(rank: int, world_size: int, overrides: list[str], data_dir: 
     return {"measured": measured, "expected": expected, "held": held, "total": total,
             "shards": p.tp * p.cp * p.dp // p.dp_replicate,  # HSDP replicates over dp_replicate
             "records": recorder.totals()}
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def run_jobs(rank: int, world_size: int, jobs: list[tuple[str, list[str]]], data_dir: str) -> list:

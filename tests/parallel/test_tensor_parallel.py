@@ -1,5 +1,5 @@
-"""Tensor, sequence and sharded data parallelism match one process, with the communication and the
-memory each rank holds equal to the analytic figures. Real gloo processes; each launch runs several
+"""Tensor, sequence and sharded data parallelism match one process, with the communication of a step
+at the layout's textbook minimum and the memory each rank holds equal to total / shards. Real gloo processes; each launch runs several
 layouts (spawning costs more than a 5-step run).
 
 Tolerances: losses and gradient norms before clipping within 1e-5 relative, and final parameters
