@@ -15,6 +15,7 @@ in the recipe and provides:
                   averages over (below)
     no_decay      parameter names that get no weight decay (norms, biases, position embeddings)
     flops_per_sample, parameters: for MFU and `gigatron plan`
+    planner_shape cfg -> the planner's ModelShape (cluster/planner/model_shape.py), for full-scale plans
     converters    optional exporters (Hugging Face, ...)
 
 The global mean is exact for any objective and any layout: before any backward, the trainer sums
@@ -115,6 +116,7 @@ class ModelFamily:
     units_per_sample: Callable[[Any], int] = lambda cfg: cfg.train.seq_len  # e.g. tokens per sequence
     data_format: str = "tokens"                      # the default data.format of this family
     converters: dict[str, Callable] = field(default_factory=dict)
+    planner_shape: Callable[[Any], Any] | None = None  # cfg -> cluster.planner.model_shape.ModelShape (gigatron plan)
 
 
 FAMILIES: dict[str, str | ModelFamily] = {
