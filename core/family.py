@@ -121,6 +121,7 @@ class ModelFamily:
 
 FAMILIES: dict[str, str | ModelFamily] = {
     "llama3": "gigatron.core.families.llama3",
+    "vit": "gigatron.core.families.vit",
 }
 
 
