@@ -12,7 +12,7 @@ value that minimises the same error (a weighted median of the published figures)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gigatron.cluster.planner.hardware import COST_MODEL, CostModel, gpu, with_constants
 from gigatron.cluster.planner.published import LLAMA3_405B, MEGATRON_WEAK_SCALING, PublishedRun
@@ -77,14 +77,14 @@ def nelder_mead(f, x0: list[float], bounds: list[tuple[float, float]], step: flo
     return simplex[min(range(n + 1), key=lambda i: values[i])]
 
 
-def fit(runs: list[PublishedRun] | None = None) -> dict[str, float]:
+def fit(runs: list[PublishedRun] | None = None, base: CostModel = COST_MODEL) -> dict[str, float]:
     """The two fitted constants minimising the mean absolute relative error over `runs` (default:
-    the Megatron-Core rows): Nelder-Mead from three starts spread over the bounds (not from the
-    stored values, so that a refit checks them)."""
+    the Megatron-Core rows), the other constants as in `base`: Nelder-Mead from three starts
+    spread over the bounds (not from the stored values, so that a refit checks them)."""
     runs = runs or MEGATRON_WEAK_SCALING
 
     def loss(x: list[float]) -> float:
-        return mean_absolute(relative_errors(runs, with_constants(**dict(zip(FITTED, x)))))
+        return mean_absolute(relative_errors(runs, replace(base, **dict(zip(FITTED, x)))))
 
     bounds = [BOUNDS[k] for k in FITTED]
     starts = ([0.8, 0.5], [0.6, 0.9], [0.45, 0.2])

@@ -3,7 +3,7 @@
 Two kinds of numbers live here:
 
 - `GPUS`: data-sheet figures of each GPU kind (dense BF16 peak, HBM capacity and bandwidth,
-  NVLink bandwidth per direction, inter-node bandwidth per GPU, GPUs per NVLink domain).
+  NVLink bandwidth per direction, inter-node bandwidth per GPU, GPUs per NVLink domain, SMs).
 - `COST_MODEL`: the few constants the projection needs beyond the data sheets. Each one is
   physically meaningful, documented with where its value comes from, and the same for every row
   that the planner projects (no per-model, per-layout or per-GPU fudge).
@@ -32,6 +32,7 @@ class GPU:
     nvlink_bandwidth: float  # intra-node (NVLink/NVSwitch) bandwidth per GPU per direction
     network_bandwidth: float  # inter-node (InfiniBand / RoCE) bandwidth per GPU per direction
     gpus_per_node: int = 8   # size of the NVLink domain
+    sms: int = 132           # streaming multiprocessors: the GEMM tiles run in waves of this many
 
 
 GB = 1e9
@@ -39,18 +40,20 @@ GIB = 2 ** 30
 
 GPUS: dict[str, GPU] = {
     # H100 SXM5: 989 TFLOP/s dense BF16, 80 GB HBM3 at 3.35 TB/s, NVLink 4 at 450 GB/s per
-    # direction (900 GB/s bidirectional), one 400 Gb/s NDR NIC per GPU (shared/notes/references.md)
+    # direction (900 GB/s bidirectional), one 400 Gb/s NDR NIC per GPU (shared/notes/references.md);
+    # 132 SMs (NVIDIA H100 Tensor Core GPU Architecture whitepaper: SXM5 enables 132 of the GH100's 144)
     # capacity for planning: the marketed size in decimal GB (80e9 B), ~5.5 GB below the 81,559 MiB
     # the "80 GB" H100 reports, a margin beyond the allocator overhead below (likewise H200, A100)
-    "h100-sxm": GPU("h100-sxm", 989e12, 80 * GB, 3.35e12, 450e9, 50e9),
+    "h100-sxm": GPU("h100-sxm", 989e12, 80 * GB, 3.35e12, 450e9, 50e9, sms=132),
     # H200 SXM: the H100's compute, 141 GB HBM3e at 4.8 TB/s
-    "h200": GPU("h200", 989e12, 141 * GB, 4.8e12, 450e9, 50e9),
-    # A100 SXM4 80 GB: 312 TFLOP/s BF16, HBM2e 2.04 TB/s, NVLink 3 300 GB/s/direction, HDR 200 Gb/s
-    "a100": GPU("a100", 312e12, 80 * GB, 2.04e12, 300e9, 25e9),
+    "h200": GPU("h200", 989e12, 141 * GB, 4.8e12, 450e9, 50e9, sms=132),
+    # A100 SXM4 80 GB: 312 TFLOP/s BF16, HBM2e 2.04 TB/s, NVLink 3 300 GB/s/direction, HDR 200 Gb/s, 108 SMs
+    "a100": GPU("a100", 312e12, 80 * GB, 2.04e12, 300e9, 25e9, sms=108),
     # H800: an H100 with NVLink cut to 200 GB/s per direction (export variant)
-    "h800": GPU("h800", 989e12, 80 * GB, 3.35e12, 200e9, 50e9),
-    # B200: 2.25 PFLOP/s dense BF16, 180 GB HBM3e at 8 TB/s, NVLink 5 900 GB/s/direction, 400 Gb/s NIC
-    "b200": GPU("b200", 2250e12, 180 * GB, 8e12, 900e9, 50e9),
+    "h800": GPU("h800", 989e12, 80 * GB, 3.35e12, 200e9, 50e9, sms=132),
+    # B200: 2.25 PFLOP/s dense BF16, 180 GB HBM3e at 8 TB/s, NVLink 5 900 GB/s/direction, 400 Gb/s NIC,
+    # 148 SMs
+    "b200": GPU("b200", 2250e12, 180 * GB, 8e12, 900e9, 50e9, sms=148),
 }
 GPUS["h100"] = GPUS["h100-sxm"]
 
@@ -61,11 +64,24 @@ class CostModel:
 
     # -- compute ---------------------------------------------------------------------------------
     # Fraction of the dense peak at which the GEMMs' arithmetic proceeds inside a training step;
-    # their operand traffic is added at HBM speed on top (throughput.py), so a large Megatron GEMM
-    # runs at ~0.49 of peak overall. FITTED on the Megatron-Core rows. It is lower than cuBLAS in
-    # isolation (700-800 TFLOP/s, 0.7-0.8 on H100) because it also absorbs what the model does not
-    # itemise: kernel-launch gaps, host synchronisation, power throttling, logging.
-    gemm_efficiency: float = 0.537
+    # their operand traffic and their last partial wave are added on top (throughput.py), so a
+    # large Megatron GEMM runs at about half the peak overall. FITTED on the Megatron-Core rows.
+    # It is lower than cuBLAS in isolation (700-800 TFLOP/s, 0.7-0.8 on H100) because it also
+    # absorbs what the model does not itemise: kernel-launch gaps, host synchronisation, power
+    # throttling, logging.
+    gemm_efficiency: float = 0.559
+    # GEMM size: a GEMM's output is computed in tiles of gemm_tile_rows x gemm_tile_cols, one
+    # tile per SM at a time, in waves of `GPU.sms` tiles; the last wave is partly empty. cuBLAS
+    # picks among several tile shapes and rasterisations, so the wave count's fractional part is
+    # taken as spread evenly and the expected loss as `gemm_wave_tail` = half a wave: a GEMM with
+    # w waves of work takes (w + 1/2) / w of its full-wave time. This is what makes the per-rank
+    # GEMMs slower as TP and CP shrink them (fewer rows per micro-batch under CP, narrower
+    # columns under TP). Applied to each of the three GEMMs of a linear layer with its own output
+    # (forward (tokens, out), input gradient (tokens, in), weight gradient (out, in)). 128 x 256 is
+    # the largest BF16 tile of the Hopper GEMMs in CUTLASS 3 / cuBLAS (one warpgroup pair per SM).
+    gemm_tile_rows: int = 128
+    gemm_tile_cols: int = 256
+    gemm_wave_tail: float = 0.5
     # Fraction of the peak a fused (flash) attention kernel sustains on the FLOPs it executes,
     # forward + backward together: "FlashAttention-2 achieves only 35% utilization on the H100"
     # (Shah et al. 2024, FlashAttention-3, abstract), the kernel generation of the published runs.
@@ -102,11 +118,18 @@ class CostModel:
     # NIC across nodes.
     nvlink_efficiency: float = 0.80
     network_efficiency: float = 0.80
-    # Share of the per-layer collectives (TP all-gather / reduce-scatter, CP all-gather of K/V)
+    # Share of the per-layer collectives (TP all-gather / reduce-scatter, CP ring hops)
     # hidden behind computation by overlapping them with the neighbouring GEMMs (Megatron-Core's
     # tp-comm-overlap). FITTED on the Megatron-Core rows. gigatron's own TP (torch DTensor, no
     # async TP yet) overlaps less: the projection is what a tuned implementation reaches.
-    layer_collective_overlap: float = 0.875
+    layer_collective_overlap: float = 0.923
+    # The context-parallel all-gather of K and V (and the reduce-scatter of their gradients) sits
+    # on the critical path: attention needs the whole K/V before it starts, and the QKV
+    # projection's backward needs dK/dV. Llama 3 (section 3.3.2) says so of its all-gather CP and
+    # accepts it because GQA keeps K/V small; gigatron's cp_mode "allgather" is the same
+    # synchronous all-gather (parallel/context.py). The ring (bidirectional attention) overlaps
+    # each hop with the previous block's attention instead: it keeps `layer_collective_overlap`.
+    cp_allgather_overlap: float = 0.0
     # Pipeline P2P sends are asynchronous (Llama 3: "asynchronous point-to-point communication");
     # this share of their time hides behind the next micro-batch's compute.
     p2p_overlap: float = 0.90

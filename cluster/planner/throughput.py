@@ -11,6 +11,10 @@ Per micro-batch, on the slowest pipeline rank (t_tokens = micro_batch * seq_len 
                           FLOPs and 3 x 2 (M K + K N + M N) bytes (an additive roofline: what makes
                           narrow GEMMs slower); x 4/3 under full recompute; the output projection
                           (t, d, V / tp) on the last stage
+        GEMM waves        each of a linear's three GEMMs (outputs (t, N), (t, K), (N, K)) runs in
+                          ceil(rows / 128) ceil(cols / 256) tiles over the GPU's SMs; its
+                          arithmetic takes (w + 1/2) / w of the full-wave time for w waves (the
+                          expected half-empty last wave): small per-rank GEMMs run slower
         attention FLOPs   12 H D seq_len x t_tokens / tp per block, half executed when causal
                           (4/3 x under full recompute); under context parallelism the kernel
                           keeps a measured fraction of its single-GPU rate
@@ -20,7 +24,9 @@ Per micro-batch, on the slowest pipeline rank (t_tokens = micro_batch * seq_len 
                           (t_tokens, d) activation per block (+2 under selective, +4 under full
                           recompute), each moving (tp - 1)/tp of it; CP: all-gather of K and V
                           forward, reduce-scatter of their gradients backward, (cp - 1)/cp of the
-                          sequence's K/V] over NVLink when the group fits a node, else the network
+                          sequence's K/V] over NVLink when the group fits a node, else the network;
+                          the CP all-gather (causal) is not overlapped: attention waits for it
+                          (`cp_allgather_overlap`), the ring (bidirectional) hides like TP
     p2p       = (1 - p2p_overlap) x 2 v sends of the (t_tokens, d / s) activation
 
     pipeline  = t_micro x (m + (p - 1) / v)       1F1B, interleaved 1F1B, GPipe: bubble (p-1)/(v m + p-1)
@@ -41,6 +47,7 @@ ModelShape.flops_per_token, the convention of Megatron-Core and Llama 3); MFU = 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from gigatron.cluster.planner.hardware import COST_MODEL, GPU, CostModel
@@ -78,6 +85,21 @@ def data_parallel_bandwidth(layout: Layout, gpu: GPU, c: CostModel = COST_MODEL)
     return min(gpu.nvlink_bandwidth * c.nvlink_efficiency, peers_per_node * gpu.network_bandwidth * c.network_efficiency)
 
 
+def wave_factor(rows: float, cols: float, gpu: GPU, c: CostModel = COST_MODEL) -> float:
+    """Time of a GEMM with a (rows, cols) output over its time in full waves: its tiles run
+    `gpu.sms` at a time and the last wave is on average `gemm_wave_tail` empty (hardware.py)."""
+    tiles = math.ceil(rows / c.gemm_tile_rows) * math.ceil(cols / c.gemm_tile_cols)
+    waves = tiles / gpu.sms
+    return (waves + c.gemm_wave_tail) / waves
+
+
+def linear_wave_flops(m: float, k: float, n: float, gpu: GPU, c: CostModel = COST_MODEL) -> float:
+    """Training FLOPs of a linear layer on m tokens (k in, n out), each of its three GEMMs (2 m k n
+    FLOPs) scaled by the wave tail of its output: forward (m, n), input gradient (m, k), weight
+    gradient (n, k)."""
+    return 2 * m * k * n * sum(wave_factor(r, q, gpu, c) for r, q in ((m, n), (m, k), (n, k)))
+
+
 def micro_batch_costs(shape: ModelShape, layout: Layout, gpu: GPU, pp_rank: int,
                       c: CostModel = COST_MODEL) -> dict:
     """Seconds of one micro-batch on pipeline rank `pp_rank` (all its virtual stages), by component."""
@@ -97,13 +119,17 @@ def micro_batch_costs(shape: ModelShape, layout: Layout, gpu: GPU, pp_rank: int,
     d = shape.dim
     block_gemms = [(tokens, d, q_local + 2 * kv_local), (tokens, q_local, d),
                    (tokens, d, (shape.ffn_matrices - 1) * f_local), (tokens, f_local, d)]
-    gemm_flops = gemm_bytes = 0.0
+    gemm_flops = gemm_bytes = gemm_arithmetic = 0.0  # arithmetic: FLOPs scaled by their wave tails
     for m_, k_, n_ in block_gemms:
         gemm_flops += blocks * 3 * 2 * m_ * k_ * n_
         gemm_bytes += blocks * 3 * c.activation_bytes * (m_ * k_ + k_ * n_ + m_ * n_)
-    gemm_flops += blocks * shape.extra_layer_flops_per_token * tokens / tp
+        gemm_arithmetic += blocks * linear_wave_flops(m_, k_, n_, gpu, c)
+    extra_flops = blocks * shape.extra_layer_flops_per_token * tokens / tp  # no shapes known: no tail
+    gemm_flops += extra_flops
+    gemm_arithmetic += extra_flops
     gemm_flops *= gemm_factor
     gemm_bytes *= gemm_factor
+    gemm_arithmetic *= gemm_factor
     executed = 0.5 if shape.causal else 1.0
     attention = blocks * 12 * shape.query_dim * shape.seq_len * tokens / tp * executed * attention_factor
     attention_rate = gpu.peak_flops * c.attention_efficiency
@@ -118,14 +144,17 @@ def micro_batch_costs(shape: ModelShape, layout: Layout, gpu: GPU, pp_rank: int,
     if "output.weight" in names or ("norm.weight" in names and shape.tied_embeddings):
         v_local = shape.output_dim / tp
         gemm_flops += 6 * d * shape.output_dim * out_tokens / tp
+        gemm_arithmetic += linear_wave_flops(out_tokens, d, v_local, gpu, c)
         gemm_bytes += 3 * a * (out_tokens * d + d * v_local + out_tokens * v_local)
         elementwise += c.loss_bytes_per_logit * v_local * out_tokens
     if shape.input_features and any(t.group == "input" for t in extra):
         gemm_flops += 6 * shape.input_features * d * tokens / tp
+        gemm_arithmetic += linear_wave_flops(tokens, shape.input_features, d / tp, gpu, c)
     hbm = gpu.hbm_bandwidth * c.hbm_efficiency
-    # GEMM time: compute at the sustained rate plus its operand traffic (an additive roofline: the
-    # operand loads of a tiled GEMM are not fully hidden, which is what makes narrow GEMMs slower)
-    compute = (gemm_flops / (gpu.peak_flops * c.gemm_efficiency) + gemm_bytes / hbm
+    # GEMM time: compute at the sustained rate, each GEMM's last partial wave included, plus its
+    # operand traffic (an additive roofline: the operand loads of a tiled GEMM are not fully
+    # hidden, which is what makes narrow GEMMs slower)
+    compute = (gemm_arithmetic / (gpu.peak_flops * c.gemm_efficiency) + gemm_bytes / hbm
                + attention / attention_rate + elementwise / hbm)
     gemm = gemm_flops
 
@@ -135,12 +164,15 @@ def micro_batch_costs(shape: ModelShape, layout: Layout, gpu: GPU, pp_rank: int,
         count = 8 + {"selective": 2, "full": 4}.get(ac, 0)
         message = a * tokens * shape.dim
         tp_time = blocks * count * (tp - 1) / tp * message / _link(tp, gpu, c)
+    cp_overlap = c.layer_collective_overlap
     if cp > 1:
         kv_local = shape.kv_dim / tp if shape.n_kv_heads >= tp else shape.kv_dim
         count = 2 + (1 if ac == "full" else 0)
         message = a * layout.micro_batch * shape.seq_len * 2 * kv_local
         cp_time = blocks * count * (cp - 1) / cp * message / _link(tp * cp, gpu, c)
-    layer_comm = (1 - c.layer_collective_overlap) * (tp_time + cp_time)
+        if shape.causal:  # gigatron's cp_mode "auto": the all-gather when causal, on the critical path
+            cp_overlap = c.cp_allgather_overlap
+    layer_comm = (1 - c.layer_collective_overlap) * tp_time + (1 - cp_overlap) * cp_time
 
     p2p = 0.0
     if layout.pp > 1:

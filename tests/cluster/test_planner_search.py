@@ -2,9 +2,9 @@
 
 405B on 16,384 H100s at sequence 8,192 (16M tokens per step): a layout must fit in the H100's
 memory, Llama 3's own layout (TP 8, CP 1, PP 16 x 8 virtual stages, DP 128, 16 micro-batches of one
-sequence) must be predicted to fit and to rank among the fastest; the best projected MFU is printed
-next to Llama 3's published 41%. The same search for Movie Gen 30B (73,728 tokens per sample on
-6,144 H100s) and ViT-6.5B/14 at 224 px."""
+sequence) must be predicted to fit and to rank in the top 5 of all fitting layouts; the best
+projected MFU is printed next to Llama 3's published 41%. The same search for Movie Gen 30B
+(73,728 tokens per sample on 6,144 H100s) and ViT-6.5B/14 at 224 px."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_405b_on_16k_h100s():
     print(f"Llama 3's layout: {mine.layout.describe()}, {mine.memory.total / 1e9:.1f} GB, projected MFU "
           f"{mine.projection.mfu:.1%} (published 41%); rank {overall} of {fitting} overall, {rank_cp1} among "
           f"CP 1 layouts; best projected MFU {ranked[0].projection.mfu:.1%}, {gap:.1%} above Llama's layout")
-    assert rank_cp1 <= 5
+    assert overall <= 5 and rank_cp1 <= 5
     assert gap <= MODEL_ERROR  # within the model's own error of the best projection
 
 

@@ -68,3 +68,22 @@ def test_flops_per_token_match_the_family():
     family = get_family(cfg.model.name)
     assert model_shape(cfg).flops_per_token() == pytest.approx(family.flops_per_sample(cfg) / cfg.train.seq_len,
                                                                rel=1e-3)
+
+
+def test_gemm_waves_slow_small_per_rank_gemms():
+    """The wave tail (hardware.py gemm_wave_tail): a per-rank GEMM with few tiles pays more per
+    FLOP than a large one, and the tail is part of the fit: without it (refit) the calibration
+    error is higher."""
+    from gigatron.cluster.planner.hardware import gpu
+    from gigatron.cluster.planner.throughput import linear_wave_flops
+
+    h100 = gpu("h100")
+    per_flop = lambda m: linear_wave_flops(m, 16384, 2304, h100) / (6 * m * 16384 * 2304)  # noqa: E731
+    assert 1 < per_flop(8192) < per_flop(4096) < per_flop(1024)
+    stored = calibration.mean_absolute(calibration.relative_errors(MEGATRON_WEAK_SCALING))
+    no_tail = {"gemm_wave_tail": 0.0}
+    refit = calibration.fit(base=with_constants(**no_tail))
+    without = calibration.mean_absolute(calibration.relative_errors(MEGATRON_WEAK_SCALING,
+                                                                    with_constants(**no_tail, **refit)))
+    print(f"\ncalibration error with the wave tail {stored:.2%}, without (refit {refit}) {without:.2%}")
+    assert without > stored + 0.002
