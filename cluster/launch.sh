@@ -23,16 +23,21 @@
 #   - `train`: resumes from RUN_DIR's latest checkpoint if any; at each step boundary, if
 #     RUN_DIR/checkpoint_request exists: checkpoint, delete the file, exit 42. Exit 0 = finished.
 #   torchrun reports any failed worker as exit 1, so every rank runs under a small bash shim that
-#   records its exit status in RUN_DIR/.exit/attempt-<restart>/rank-<RANK>; "42 on any rank" means
-#   "checkpointed". The shim also prints one line `gigatron-launch: rank R/W local_rank L node N`
-#   at the top of each rank's log.
+#   records its exit status in RUN_DIR/.exit/attempt-<A>/rank-<RANK> (and its node and the time in
+#   host-<RANK>); "42 on any rank" means "checkpointed". The shim also prints one line
+#   `gigatron-launch: rank R/W local_rank L node N` at the top of each rank's log.
+#   5. Failures: cluster/supervisor.py runs the attempts (torchrun here, srun under SLURM). When a
+#      rank crashes, hangs (core/heartbeat.py exits 43) or a node is lost, it restarts the job from
+#      the latest checkpoint, up to cluster.max_restarts (and cluster.max_restarts_per_hour); under
+#      SLURM with cluster.exclude_failed_nodes it requeues the job without the failing node instead.
+#      Every cause is in RUN_DIR/supervisor.jsonl; `gigatron status RUN_DIR` lists them.
 #
 # Where things go:
 #   RUN_DIR   = --set run.dir=... if given, else $GIGATRON_RUNS_DIR/<recipe stem>-<id>, where
 #               GIGATRON_RUNS_DIR defaults to $GIGATRON_HOME/runs and <id> is the SLURM job id
 #               (stable across requeues: a requeued job resumes) or a timestamp outside SLURM.
 #               Under SLURM, RUN_DIR must be on a filesystem shared by all nodes.
-#   Logs      : RUN_DIR/logs/attempt-<restart>/<node>/<torchrun dir>/attempt_0/<local rank>/{stdout,stderr}.log
+#   Logs      : RUN_DIR/logs/attempt-<A>/<node>/<torchrun dir>/attempt_0/<local rank>/{stdout,stderr}.log
 #               (one file per rank; every line is also teed to the job output prefixed by [rankR]).
 #               Job output: <job name>-<job id>.out in the submit directory, appended across requeues.
 #               This script's own messages also go to RUN_DIR/launcher.log.
@@ -74,6 +79,7 @@
 # --open-mode=append: a requeued job appends to the same output file instead of truncating it.
 set -euo pipefail
 
+LAUNCH_START="$(date +%s.%N)"   # the session's start, for effective training time
 LOG_FILE=""   # RUN_DIR/launcher.log once RUN_DIR exists
 
 log() {
@@ -258,25 +264,16 @@ set_distributed_env() {
 RANK_SHIM='printf "gigatron-launch: rank %s/%s local_rank %s node %s\n" "$RANK" "$WORLD_SIZE" "$LOCAL_RANK" "${SLURMD_NODENAME:-$(hostname)}"
 "$@"
 status=$?
+printf "%s %s\n" "${SLURMD_NODENAME:-$(hostname)}" "$(date +%s.%N)" > "$GIGATRON_EXIT_DIR/host-$RANK"
 printf "%s\n" "$status" > "$GIGATRON_EXIT_DIR/rank-$RANK"
 exit "$status"'
 
-# Prints 0 if training finished, 42 if some rank checkpointed on request, else torchrun's status ($1).
-trainer_status() {
-    local torchrun_status="$1" f
-    ((torchrun_status == 0)) && { echo 0; return; }
-    for f in "$GIGATRON_EXIT_DIR"/rank-*; do
-        [[ -f "$f" ]] && [[ "$(cat "$f")" == 42 ]] && { echo 42; return; }
-    done
-    echo "$torchrun_status"
-}
-
-exit_codes_summary() {
-    local f out=""
-    for f in "$GIGATRON_EXIT_DIR"/rank-*; do
-        [[ -f "$f" ]] && out+="$(basename "$f")=$(cat "$f") "
-    done
-    printf '%s' "${out:-none recorded}"
+# The supervisor (cluster/supervisor.py) runs the attempts: it restarts a failed job from its latest
+# checkpoint within cluster.max_restarts, records each cause in RUN_DIR/supervisor.jsonl, and exits
+# 0 finished, 42 checkpointed on request, 75 requeue without RUN_DIR/exclude_nodes, 1 budget spent.
+supervisor_cmd() {
+    SUPERVISOR=("$PYTHON" -m gigatron.cluster.supervisor "$RECIPE" ${SET_ARGS[@]+"${SET_ARGS[@]}"}
+        --run-dir "$RUN_DIR" --session "$1" --started-at "$LAUNCH_START" --world-size "$WORLD_SIZE")
 }
 
 # ==================================================================================================
@@ -309,19 +306,16 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     fi
     mkdir -p "$RUN_DIR"
     LOG_FILE="$RUN_DIR/launcher.log"
-    export GIGATRON_EXIT_DIR="$RUN_DIR/.exit/local"
-    rm -rf "$GIGATRON_EXIT_DIR"
-    mkdir -p "$GIGATRON_EXIT_DIR"
     set_distributed_env "$WORLD_SIZE" "$(nproc)"
     log "recipe $RECIPE, $LAYOUT_LINE, run dir $RUN_DIR"
-    # Foreground, so Ctrl-C reaches torchrun directly.
+    # Foreground, so Ctrl-C reaches torchrun (and the supervisor, which then stops restarting).
+    supervisor_cmd "local-$(date +%Y%m%d-%H%M%S)-$$"
     status=0
-    "${torchrun_cmd[@]}" || status=$?
-    status="$(trainer_status "$status")"
+    "${SUPERVISOR[@]}" -- "${torchrun_cmd[@]}" || status=$?
     case "$status" in
         0) log "training finished" ;;
         42) log "trainer checkpointed on request (exit 42); rerun with --set run.dir=$RUN_DIR to resume" ;;
-        *) log "training failed (torchrun exit $status; ranks: $(exit_codes_summary))" ;;
+        *) log "training failed (exit $status; causes and restarts: gigatron status $RUN_DIR)" ;;
     esac
     exit "$status"
 fi
@@ -381,9 +375,7 @@ fi
 HEAD_ADDR="${HEAD_ADDR:-$HEAD_NODE}"
 RDZV_PORT="${GIGATRON_RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}"
 
-LOGS="$RUN_DIR/logs/attempt-$RESTART"
-export GIGATRON_EXIT_DIR="$RUN_DIR/.exit/attempt-$RESTART"
-export GIGATRON_LOG_DIR="$LOGS"
+LOGS="$RUN_DIR/logs"   # logs/attempt-<A>/: the supervisor sets GIGATRON_LOG_DIR per attempt
 # Static rendezvous with --node-rank=SLURM_NODEID (added per node below): node k of the allocation
 # holds global ranks k*PROCS .. k*PROCS+PROCS-1, so tensor-parallel groups (innermost) stay inside a
 # node, rank 0 runs on the batch node, and a requeued job gets the same placement. (c10d rendezvous
@@ -412,8 +404,6 @@ fi
 
 mkdir -p "$RUN_DIR" "$LOGS"
 LOG_FILE="$RUN_DIR/launcher.log"
-rm -rf "$GIGATRON_EXIT_DIR"
-mkdir -p "$GIGATRON_EXIT_DIR"
 set_distributed_env "$PROCS" "${SLURM_CPUS_ON_NODE:-$(nproc)}"
 REQUEST="$RUN_DIR/checkpoint_request"
 if [[ -e "$REQUEST" ]]; then
@@ -439,7 +429,8 @@ on_signal() {
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 
-"${srun_cmd[@]}" &
+supervisor_cmd "slurm-$JOB_KEY"
+"${SUPERVISOR[@]}" --slurm --hosts "${HOSTS[*]}" --procs-per-node "$PROCS" -- "${srun_cmd[@]}" &
 SRUN_PID=$!
 while :; do
     INTERRUPTED=0
@@ -457,7 +448,6 @@ done
 # From here on, signals (including the SIGTERM that `scontrol requeue` sends us) are not requests.
 trap '' USR1 TERM
 
-status="$(trainer_status "$status")"
 if ((status == 0)); then
     log "training finished"
     rm -f "$REQUEST"
@@ -467,7 +457,7 @@ if ((status == 42)) || [[ -n "$SIGNALLED" ]]; then
     if ((status == 42)); then
         log "trainer checkpointed (exit 42); requeueing job $SLURM_JOB_ID"
     else
-        log "got SIG$SIGNALLED but the trainer did not confirm a checkpoint (status $status; ranks: $(exit_codes_summary)); requeueing to resume from the latest checkpoint"
+        log "got SIG$SIGNALLED but the trainer did not confirm a checkpoint (status $status); requeueing to resume from the latest checkpoint"
     fi
     if scontrol requeue "$SLURM_JOB_ID"; then
         exit 0
@@ -478,4 +468,15 @@ if ((status == 42)) || [[ -n "$SIGNALLED" ]]; then
     [[ "$SIGNALLED" == TERM ]] && die 143 "job $SLURM_JOB_ID is ending (SIGTERM) and was not requeued; $resume"
     die 42 "scontrol requeue failed (was the job submitted with --no-requeue?); $resume"
 fi
-die "$status" "training failed: srun/torchrun exit $status (ranks: $(exit_codes_summary)); logs in $LOGS"
+if ((status == 75)) && [[ -s "$RUN_DIR/exclude_nodes" ]]; then
+    excluded="$(tr -d '[:space:]' < "$RUN_DIR/exclude_nodes")"
+    # A running job's ExcNodeList cannot change: hold it pending, exclude, release.
+    if scontrol requeuehold "$SLURM_JOB_ID" && scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$excluded" \
+        && scontrol release "$SLURM_JOB_ID"; then
+        log "requeued job $SLURM_JOB_ID without node(s) $excluded (recorded in $RUN_DIR/supervisor.jsonl)"
+        exit 0
+    fi
+    scontrol release "$SLURM_JOB_ID" 2>/dev/null || true
+    die 1 "could not requeue job $SLURM_JOB_ID without $excluded; resume with: sbatch --exclude=$excluded cluster/launch.sh $RECIPE_ARG --set run.dir=$RUN_DIR"
+fi
+die "$status" "training failed (exit $status; causes and restarts: gigatron status $RUN_DIR); logs in $LOGS"

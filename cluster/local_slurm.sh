@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A real two-node SLURM cluster on this one machine, for tests and for trying cluster/launch.sh.
+# A real three-node SLURM cluster on this one machine, for tests and for trying cluster/launch.sh.
 #
-#   cluster/local_slurm.sh start    # install (first time), configure, start, wait for 2 idle nodes
+#   cluster/local_slurm.sh start    # install (first time), configure, start, wait for 3 idle nodes
 #   cluster/local_slurm.sh status   # daemons and sinfo
 #   cluster/local_slurm.sh stop     # cancel jobs, stop every daemon by its PID file
 #
@@ -10,7 +10,8 @@
 #
 # What it builds (comments next to the settings below say which trap each one avoids):
 #   - Debian's SLURM 22.05 (slurmctld, slurmd, slurm-client) and munge, installed with apt when missing.
-#   - One controller and two emulated nodes n1, n2. Both slurmd run here (`slurmd -N n1`, `-N n2`),
+#   - One controller and three emulated nodes n1, n2, n3 (a 2-node job has a spare to move to when a
+#     node is excluded). Every slurmd runs here (`slurmd -N n1`, `-N n2`, `-N n3`),
 #     reached at 127.0.0.1 on distinct ports. `hostname` inside a job still prints this machine's
 #     name; SLURMD_NODENAME is the node.
 #   - Each node claims 2 CPUs (more tasks than real cores work thanks to config_overrides) and 8 fake
@@ -27,7 +28,7 @@
 # Environment:
 #   GIGATRON_SLURM_DIR        state, logs, PID files and slurm.conf   (default /tmp/gigatron-slurm)
 #   GIGATRON_SLURM_CTLD_PORT  slurmctld port                           (default 6817)
-#   GIGATRON_SLURM_NODE_PORT  first slurmd port; n2 uses the next one  (default 17001)
+#   GIGATRON_SLURM_NODE_PORT  first slurmd port; n2, n3 use the next ones (default 17001)
 #   GIGATRON_SLURM_TIMEOUT    seconds to wait for the nodes to be idle (default 30)
 set -euo pipefail
 
@@ -39,7 +40,7 @@ TIMEOUT="${GIGATRON_SLURM_TIMEOUT:-30}"
 CONF="$SLURM_DIR/slurm.conf"
 PID_DIR="$SLURM_DIR/run"
 LOG_DIR="$SLURM_DIR/log"
-NODES=(n1 n2)
+NODES=(n1 n2 n3)
 GPUS_PER_NODE=8
 PACKAGES=(slurmctld slurmd slurm-client munge)
 MUNGE_RUN=/run/munge
@@ -125,14 +126,16 @@ install_packages() {
     fi
 }
 
-# n1 and n2 must resolve (SLURM itself uses NodeAddr, but tools and users may ssh/ping by name).
+# The nodes must resolve (SLURM itself uses NodeAddr, but tools and users may ssh/ping by name).
 ensure_hosts() {
-    if getent hosts n1 >/dev/null && getent hosts n2 >/dev/null; then return 0; fi
+    local node missing=()
+    for node in "${NODES[@]}"; do getent hosts "$node" >/dev/null || missing+=("$node"); done
+    ((${#missing[@]} > 0)) || return 0
     if [[ -w /etc/hosts ]]; then
-        log "adding '127.0.0.1 n1 n2' to /etc/hosts"
-        printf '127.0.0.1 n1 n2\n' >> /etc/hosts
+        log "adding '127.0.0.1 ${missing[*]}' to /etc/hosts"
+        printf '127.0.0.1 %s\n' "${missing[*]}" >> /etc/hosts
     else
-        log "warning: /etc/hosts is read-only; n1/n2 will not resolve by name (SLURM still works)"
+        log "warning: /etc/hosts is read-only; ${missing[*]} will not resolve by name (SLURM still works)"
     fi
 }
 
@@ -152,7 +155,7 @@ write_config() {
     tmp="$CONF.tmp"
     # SlurmctldHost must be this machine's short name, or slurmctld refuses to start.
     cat > "$tmp" <<EOF
-# Written by cluster/local_slurm.sh: two emulated nodes on one machine. Do not edit; rerun start.
+# Written by cluster/local_slurm.sh: three emulated nodes on one machine. Do not edit; rerun start.
 ClusterName=gigatron
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
@@ -186,8 +189,8 @@ KillWait=5
 # Trust the node lines below over the hardware slurmd detects (2 real cores run 4+ tasks).
 SlurmdParameters=config_overrides
 GresTypes=gpu
-NodeName=n[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=$NODE_PORT-$((NODE_PORT + 1)) CPUs=2 Gres=gpu:$GPUS_PER_NODE State=UNKNOWN
-PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
+NodeName=n[1-${#NODES[@]}] NodeHostname=$host NodeAddr=127.0.0.1 Port=$NODE_PORT-$((NODE_PORT + ${#NODES[@]} - 1)) CPUs=2 Gres=gpu:$GPUS_PER_NODE State=UNKNOWN
+PartitionName=debug Nodes=n[1-${#NODES[@]}] Default=YES MaxTime=INFINITE State=UP
 EOF
     mv "$tmp" "$CONF"
     printf 'Name=gpu File=%s/dev/gpu[0-%d]\n' "$SLURM_DIR" "$((GPUS_PER_NODE - 1))" > "$SLURM_DIR/gres.conf"
@@ -228,7 +231,7 @@ start_slurmd() {
 nodes_ready() {
     local states
     states="$(sinfo -h -N -o '%N %t' 2>/dev/null | sort -u)" || return 1
-    [[ "$(grep -cE '^n[12] (idle|mix|alloc)$' <<<"$states")" -eq ${#NODES[@]} ]]
+    [[ "$(grep -cE '^n[0-9]+ (idle|mix|alloc)$' <<<"$states")" -eq ${#NODES[@]} ]]
 }
 
 all_running() {
@@ -261,7 +264,7 @@ cmd_start() {
         tail -n 5 "$LOG_DIR"/*.log >&2 || true
         die "nodes not idle after ${TIMEOUT}s (see sinfo and logs above, under $LOG_DIR)"
     fi
-    log "2 nodes idle after $((SECONDS - t0)) s; state in $SLURM_DIR"
+    log "${#NODES[@]} nodes idle after $((SECONDS - t0)) s; state in $SLURM_DIR"
     printf 'export SLURM_CONF=%q\n' "$CONF"
 }
 

@@ -13,6 +13,7 @@ Derived meshes are named for their use, and are the only handle to a process gro
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -68,8 +69,13 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_distributed(cfg: ParallelConfig) -> ParallelDims:
-    """Start the default process group (NCCL on GPU, gloo on CPU) and build the mesh."""
+def init_distributed(cfg: ParallelConfig, cluster=None) -> ParallelDims:
+    """Start the default process group (NCCL on GPU, gloo on CPU) and build the mesh.
+
+    With `cluster` (ClusterConfig) every group's collective timeout is cluster.slow_phase_timeout_s
+    plus two heartbeats instead of torch's 10/30 minutes: core/heartbeat.py, which knows the slow
+    phases, names a stuck rank first. torch's flight recorder stays on (the last 2,000 collectives per
+    rank, a ring buffer) unless TORCH_FR_BUFFER_SIZE says otherwise: the watchdog reports from it."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dims = ParallelDims.from_config(cfg)
     assert dims.world_size == world_size, "validate(cfg, world_size) must run before init_distributed"
@@ -80,8 +86,16 @@ def init_distributed(cfg: ParallelConfig) -> ParallelDims:
         if "MASTER_ADDR" not in os.environ:  # a plain `python -m gigatron.core.train` run
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
                               RANK="0", WORLD_SIZE="1")
-        dist.init_process_group("nccl" if dev == "cuda" else "gloo")
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
+        timeout = {} if cluster is None else {
+            "timeout": datetime.timedelta(seconds=cluster.slow_phase_timeout_s + 2 * cluster.heartbeat_s)}
+        dist.init_process_group("nccl" if dev == "cuda" else "gloo", **timeout)
     dims.build_mesh(dev)
+    if cluster is not None and hasattr(dist.distributed_c10d, "_set_pg_timeout"):  # the mesh's own groups
+        seconds = datetime.timedelta(seconds=cluster.slow_phase_timeout_s + 2 * cluster.heartbeat_s)
+        for name in (*MESH_DIMS, "batch", "loss", "fsdp_shard"):
+            if dims.mesh[name].size() > 1:
+                dist.distributed_c10d._set_pg_timeout(seconds, dims.mesh[name].get_group())
     coords = " ".join(f"{k}={v}" for k, v in dims.coordinates().items())
     log.info("rank %d/%d on %s: %s (backend %s)", dist.get_rank(), world_size,
              os.environ.get("SLURMD_NODENAME", os.uname().nodename), coords, dist.get_backend())

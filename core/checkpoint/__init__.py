@@ -21,6 +21,7 @@ import threading
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from gigatron.core import faults
 from gigatron.core.checkpoint.manifest import MANIFEST, CheckpointError, crc32_file, verify, verify_distributed
 from gigatron.core.checkpoint.store import (COMPLETE, CONFIG, LATEST, commit, committed, keys_of, latest, load,
                                             load_value, retain, step_dir, step_of, sweep_tmp, training_state)
@@ -103,6 +104,7 @@ class Checkpointer:
 
     def _commit(self, tmp: str, final: str, step: int, own: dict | None = None) -> None:
         rank, world = _rank_world()
+        faults.at_checkpoint_write(step)  # drills only: a write that fails before the commit
         if own is None:
             own = _own_checksums(tmp, rank)
         self._barrier()  # every rank's shards (and rank 0's .metadata) are written

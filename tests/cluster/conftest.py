@@ -1,4 +1,4 @@
-"""A real two-node SLURM cluster for the tests in this folder, from `cluster/local_slurm.sh`.
+"""A real three-node SLURM cluster for the tests in this folder, from `cluster/local_slurm.sh`.
 
 The session fixture `slurm` starts the cluster once (on a fresh machine this installs Debian's SLURM
 and munge, ~15 s) and stops it when the session ends, unless it was already running before the
@@ -22,6 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_SLURM = REPO / "cluster" / "local_slurm.sh"
 SLURM_DIR = Path(os.environ.get("GIGATRON_SLURM_DIR", "/tmp/gigatron-slurm"))
+NODES = ("n1", "n2", "n3")  # cluster/local_slurm.sh's emulated nodes (a 2-node job has a spare)
 
 
 def _skip_reason() -> str | None:
@@ -49,7 +50,7 @@ class Slurm:
     def pid_files(self) -> dict[str, Path]:
         run = self.dir / "run"
         return {"munged": run / "munged.pid", "slurmctld": run / "slurmctld.pid",
-                "slurmd-n1": run / "slurmd-n1.pid", "slurmd-n2": run / "slurmd-n2.pid"}
+                **{f"slurmd-{n}": run / f"slurmd-{n}.pid" for n in NODES}}
 
     def start(self) -> float:
         """`local_slurm.sh start`; returns the seconds it took, fails the test with its output otherwise."""

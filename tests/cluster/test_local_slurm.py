@@ -1,4 +1,4 @@
-"""cluster/local_slurm.sh: two idle nodes, real multi-node jobs, exit codes, and a clean stop."""
+"""cluster/local_slurm.sh: three idle nodes, real multi-node jobs, exit codes, and a clean stop."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def _slurm_processes() -> list[tuple[int, str]]:
     return found
 
 
-def test_cluster_has_two_idle_nodes_and_started_within_a_minute(slurm):
-    assert slurm.node_states() == {"n1": "idle", "n2": "idle"}
+def test_cluster_has_three_idle_nodes_and_started_within_a_minute(slurm):
+    assert slurm.node_states() == {"n1": "idle", "n2": "idle", "n3": "idle"}
     assert slurm.start_seconds < 60, f"start took {slurm.start_seconds:.1f} s"
     # start is idempotent: a second call finds everything running and returns at once
     t0 = time.monotonic()
@@ -82,7 +82,7 @@ def test_stop_leaves_no_daemon_and_start_comes_back(slurm, tmp_path):
     # ... and it comes back (packages installed now: the daemons alone take a few seconds)
     seconds = slurm.start()
     assert seconds < 60
-    assert slurm.node_states() == {"n1": "idle", "n2": "idle"}
+    assert slurm.node_states() == {"n1": "idle", "n2": "idle", "n3": "idle"}
 
 
 def test_stop_never_kills_a_process_named_by_a_stale_pid_file(tmp_path):
@@ -91,7 +91,7 @@ def test_stop_never_kills_a_process_named_by_a_stale_pid_file(tmp_path):
     try:
         run = tmp_path / "run"
         run.mkdir()
-        for name in ("slurmctld", "slurmd-n1", "slurmd-n2", "munged"):
+        for name in ("slurmctld", "slurmd-n1", "slurmd-n2", "slurmd-n3", "munged"):
             (run / f"{name}.pid").write_text(f"{stranger.pid}\n")
         env = dict(os.environ, GIGATRON_SLURM_DIR=str(tmp_path))
         repo = Path(__file__).resolve().parents[2]
