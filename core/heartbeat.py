@@ -41,10 +41,19 @@ LAST_COLLECTIVES = 4  # per process group, in the report
 
 def last_collectives(k: int = LAST_COLLECTIVES) -> dict | None:
     """This rank's last k collectives per process group from the flight recorder; None if it is off."""
-    try:
-        dump = json.loads(torch._C._distributed_c10d._dump_fr_trace_json(True, False))
-    except Exception:  # noqa: BLE001 - no recorder in this build/backend
-        return None
+    c10d = torch._C._distributed_c10d
+    # NCCL keeps its own recorder (CUDA events); gloo (torch >= 2.7) the generic one
+    dumps = [getattr(c10d, name) for name in ("_dump_nccl_trace_json", "_dump_fr_trace_json") if hasattr(c10d, name)]
+    if dist.is_initialized() and dist.get_backend() != "nccl":
+        dumps.reverse()
+    dump = {}
+    for fn in dumps:
+        try:
+            dump = json.loads(fn(True, False))
+        except Exception:  # noqa: BLE001 - no recorder in this build/backend
+            continue
+        if dump.get("entries"):
+            break
     entries = dump.get("entries") or []
     if not entries:
         return None
@@ -90,7 +99,8 @@ class Watchdog:
         self.step, self.phase_name = 0, "startup"
         self.progress_time = self.started = time.time()
         self.stopped = threading.Event()
-        timeout = datetime.timedelta(seconds=cluster.slow_phase_timeout_s)
+        # a client of its own: the training thread may block in the default store's waits (group creation)
+        timeout = datetime.timedelta(seconds=min(60.0, cluster.slow_phase_timeout_s))
         client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                timeout=timeout)
         self.store = dist.PrefixStore(f"gigatron/watchdog/{attempt}/", client)
@@ -204,9 +214,13 @@ _active: Watchdog | None = None
 def start(cluster, run_dir: str) -> Watchdog | None:
     """Start this rank's watchdog (once per process; needs the process group's MASTER_ADDR/PORT)."""
     global _active
-    if _active is None and dist.is_initialized() and "MASTER_ADDR" in os.environ:
-        _active = Watchdog(cluster, run_dir, dist.get_rank(), dist.get_world_size(),
-                           int(os.environ.get("GIGATRON_ATTEMPT", "0")))
+    stop()  # one left by an earlier run in this process (in-process tests)
+    if dist.is_initialized() and "MASTER_ADDR" in os.environ:
+        try:
+            _active = Watchdog(cluster, run_dir, dist.get_rank(), dist.get_world_size(),
+                               int(os.environ.get("GIGATRON_ATTEMPT", "0")))
+        except (RuntimeError, ValueError) as err:  # no store at MASTER_ADDR:MASTER_PORT
+            log.warning("hang detection off: cannot reach the rendezvous store (%s)", err)
     return _active
 
 

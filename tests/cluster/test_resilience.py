@@ -240,3 +240,20 @@ def test_young_daly_interval():
     assert abs(young_daly_interval(1e-3, m) - (2e-3 * m) ** 0.5) < 1e-3
     assert young_daly_interval(1e-3, m) < young_daly_interval(d, m) < young_daly_interval(600, m)
     assert young_daly_interval(3 * m, m) == m  # saving takes longer than failures allow: checkpoint once per MTBF
+
+
+def test_checkpoint_interval_auto_follows_young_daly(work, tmp_path):
+    """checkpoint.interval=auto: a save after step 1 measures the save time, then every save comes
+    the number of steps the trainer chose (Young/Daly on the slowest rank's measurements) later."""
+    run_dir = tmp_path / "auto"
+    overrides = [o for o in work["overrides"] if not o.startswith(("checkpoint.interval", "parallel.dp"))]
+    # MTBF 0.3 s: an interval of a few steps for ~0.1 s saves and ~0.05 s steps on this machine
+    overrides += ["parallel.dp=1", "checkpoint.interval=auto", "cluster.mtbf_hours=0.0000833", "checkpoint.keep_last=0"]
+    assert run_distributed(_train, 1, str(run_dir), overrides) == [0]
+    saves = sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*") if p.name[5:].isdigit())
+    chosen = {r["step"]: r["checkpoint_interval"] for r in _jsonl(run_dir / "metrics.jsonl")}
+    assert saves[0] == 1 and chosen[1] == 1 and saves[-1] == STEPS
+    for a, b in zip(saves, saves[1:-1]):  # the last save is the end of the run, not the interval's
+        assert b - a == chosen[a + 1], (saves, chosen)
+    assert len(saves) >= 3, (saves, chosen)
+    print(f"auto interval: saves at {saves}, chosen intervals {sorted(set(chosen.values()))}")
