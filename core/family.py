@@ -122,6 +122,7 @@ class ModelFamily:
 FAMILIES: dict[str, str | ModelFamily] = {
     "llama3": "gigatron.core.families.llama3",
     "vit": "gigatron.core.families.vit",
+    "moviegen": "gigatron.core.families.moviegen",
 }
 
 

@@ -16,6 +16,11 @@ With GQA the gathered K/V is n_kv_heads/n_heads of the activations (1/4 for Llam
 "ring" (Movie Gen; default for bidirectional attention): see `context_ring.py`. K/V blocks circulate
 with asynchronous P2P overlapped with the local block's attention; partial outputs merge by LSE.
 
+Padding: a bidirectional sequence whose length cp does not divide is zero-padded to a multiple of
+cp (`pad_to_multiple`, "real_tokens" marks the real ones; `padding_segment_ids` masks the padding
+out of attention through the document-mask path). The causal load balancing (2*cp chunks) does not
+apply to bidirectional attention: any contiguous split balances.
+
 Batch side: `cp_shard_batch` keeps rank i's part of the objective's sequence fields (causal: chunks
 i and 2*cp-1-i; bidirectional: the i-th contiguous T/cp) and adds "positions", the global positions
 of its tokens (T/cp,), identical for every row, so RoPE is that of the full sequence. The global
@@ -36,7 +41,7 @@ from gigatron.core.family import blocks_of, module_at
 from gigatron.kernels.attention import attention
 from gigatron.parallel.comm import all_gather_dim0, reduce_scatter_dim0
 
-__all__ = ["apply_cp", "cp_positions", "cp_shard_batch", "ContextParallelAttention", "AllGatherKV",
+__all__ = ["apply_cp", "cp_positions", "cp_shard_batch", "pad_to_multiple", "padding_segment_ids", "ContextParallelAttention", "AllGatherKV",
            "kv_positions_of", "SegmentIdsCache", "resolve_cp_mode", "kernel_backend"]
 
 log = logging.getLogger("gigatron")
@@ -63,9 +68,15 @@ def cp_shard_batch(batch: dict, mesh: DeviceMesh, keys: tuple[str, ...], causal:
     T/cp positions (`cp_positions`), the other fields stay whole, and "positions" (T/cp,) gives the
     global positions of the local tokens (the plain arange (T,) at cp 1). Document ids keep their
     (per-row) values, so kv segment ids gathered from other ranks compare correctly with local ones."""
+    if not keys:  # no sequence fields (a ViT: images and per-sample targets): nothing to split
+        return batch
     cp, rank = mesh[CP_DIM].size(), mesh[CP_DIM].get_local_rank()
     some = batch[keys[0]]
     T = some.shape[1]
+    if cp > 1 and not causal and T % cp:  # bidirectional: pad to a multiple of cp, mark the real tokens
+        batch, keys = pad_to_multiple(batch, keys, cp), tuple(keys) + ("real_tokens",)
+        some = batch[keys[0]]
+        T = some.shape[1]
     positions = cp_positions(T, cp, rank, device=some.device, causal=causal) if cp > 1 else \
         torch.arange(T, device=some.device)
     out = dict(batch)
@@ -74,6 +85,30 @@ def cp_shard_batch(batch: dict, mesh: DeviceMesh, keys: tuple[str, ...], causal:
             out[key] = batch[key].index_select(1, positions)  # (B, T/cp, ...)
     out["positions"] = positions
     return out
+
+
+def pad_to_multiple(batch: dict, keys: tuple[str, ...], multiple: int) -> dict:
+    """Zero-pad the sequence fields `keys` ((B, T, ...)) along T to a multiple of `multiple` and add
+    "real_tokens" (B, T') bool, True on the T real tokens. Any bidirectional family can use it: its
+    objective masks the loss and count with "real_tokens" and passes `padding_segment_ids(batch)` to
+    self-attention, so real tokens never attend to padding (under the causal load balancing the
+    length must divide 2*cp instead; config validation refuses it)."""
+    some = batch[keys[0]]
+    T = some.shape[1]
+    pad = -T % multiple
+    out = dict(batch)
+    for key in keys:
+        x = batch[key]
+        out[key] = torch.cat([x, x.new_zeros((x.shape[0], pad, *x.shape[2:]))], dim=1)
+    out["real_tokens"] = (torch.arange(T + pad, device=some.device) < T).expand(some.shape[0], -1)
+    return out
+
+
+def padding_segment_ids(batch: dict) -> torch.Tensor | None:
+    """Segment ids (B, T) int32 that keep padding and real tokens apart in attention (0 real, 1 padding),
+    or None when the batch was not padded (no mask, no ids all-gather)."""
+    real = batch.get("real_tokens")
+    return None if real is None else (~real).to(torch.int32)
 
 
 # -- the collectives, as autograd Functions ------------------------------------------------------
