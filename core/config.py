@@ -62,6 +62,7 @@ class TrainConfig:
     max_skipped_steps: int = 5            # stop after this many non-finite loss/grad steps in a row
     eval_every: int = 0                   # evaluate on the held-out split every N steps; 0 = never
     eval_batches: int = 4                 # micro-batches per rank in one evaluation
+    ema_decay: float = 0.0                # EMA of the weights (core/ema.py), updated after each step, in checkpoints; 0 = off
 
     @property
     def tokens_per_step(self) -> int:
@@ -186,6 +187,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     _require(t.decay_steps >= 0, "train.decay_steps", f"{t.decay_steps} must be >= 0 (0 = decay until train.steps)")
     _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1", "Adam betas must lie in [0, 1)")
     _require(t.grad_clip >= 0 and math.isfinite(t.grad_clip), "train.grad_clip", f"{t.grad_clip} must be >= 0")
+    _require(0 <= t.ema_decay < 1, "train.ema_decay", f"{t.ema_decay} must lie in [0, 1) (0 = no EMA; diffusion: 0.9999)")
     _require(t.eval_every >= 0, "train.eval_every", f"{t.eval_every} must be >= 0 (0 = no evaluation)")
     _require(t.eval_every == 0 or t.eval_batches >= 1, "train.eval_batches",
              f"{t.eval_batches} must be >= 1 when train.eval_every={t.eval_every}")
