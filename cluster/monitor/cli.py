@@ -19,8 +19,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p = sub.add_parser(name, help=text)
         p.add_argument("run_dir", help="the run directory (run.dir)")
         p.add_argument("--gpu", default="h100-sxm", help="GPU kind of the planner's projection")
-        p.add_argument("--threshold", type=float, default=0.10,
-                       help="straggler threshold: slower than the median by this fraction")
+        p.add_argument("--threshold", type=float, default=None,
+                       help="straggler threshold: slower than the median by this fraction (default: the "
+                            "recipe's run.straggler_threshold, else 0.10)")
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
         else:

@@ -17,6 +17,7 @@ from statistics import median
 
 from gigatron.cluster.monitor import run_dir as rd
 from gigatron.cluster.monitor.status import build_status, format_status, series
+from gigatron.cluster.monitor.stragglers import per_rank_times
 
 WIDTH, HEIGHT, PAD = 560, 220, 56
 
@@ -88,8 +89,7 @@ def _heat_color(ratio: float) -> str:
 
 def heat_map(records: list[dict], stragglers: set[int] | None = None, max_columns: int = 120) -> str:
     head = "<figure><figcaption>Per-rank step time (compute seconds / the step's median)</figcaption>"
-    rows = [(int(r["step"]), r["step_time_per_rank"]) for r in records
-            if isinstance(r.get("step_time_per_rank"), list) and r["step_time_per_rank"]]
+    rows = [(int(r["step"]), per_rank_times(r)[0]) for r in records if per_rank_times(r) is not None]
     if not rows:
         return head + '<p class="empty">per-rank step times: not logged by this run</p></figure>'
     rows = rows[-max_columns:]
@@ -166,7 +166,7 @@ document.getElementById('plot-count').textContent=n+' plots';
 console.log('gigatron-report: '+n+' plots rendered');})();"""
 
 
-def build_report(run_dir: str, gpu: str = "h100-sxm", threshold: float = 0.10) -> str:
+def build_report(run_dir: str, gpu: str = "h100-sxm", threshold: float | None = None) -> str:
     status = build_status(run_dir, gpu=gpu, threshold=threshold)
     records = rd.metrics(run_dir).records
     mfu = series(records, "mfu")

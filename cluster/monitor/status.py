@@ -19,7 +19,8 @@ import time
 from statistics import median
 
 from gigatron.cluster.monitor import run_dir as rd
-from gigatron.cluster.monitor.stragglers import find_stragglers, straggler_counts
+from gigatron.cluster.monitor.restarts import format_restarts, restart_summary
+from gigatron.cluster.monitor.stragglers import find_stragglers_in_groups, per_rank_times, straggler_counts
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -85,7 +86,7 @@ def planner_projection(recipe: dict | None, gpu_name: str) -> dict:
         return {"error": f"no projection: {err}"}
 
 
-def build_status(run_dir: str, now: float | None = None, gpu: str = "h100-sxm", threshold: float = 0.10) -> dict:
+def build_status(run_dir: str, now: float | None = None, gpu: str = "h100-sxm", threshold: float | None = None) -> dict:
     """Everything `format_status` prints, as plain data (also `gigatron status --json`)."""
     now = time.time() if now is None else now
     out: dict = {"run_dir": run_dir, "now": now, "warnings": []}
@@ -137,15 +138,19 @@ def build_status(run_dir: str, now: float | None = None, gpu: str = "h100-sxm", 
         out["throughput"]["vs_projection"] = measured["tflops_per_device"] / projection["tflops_per_gpu"]
     out["skipped"] = {"steps": last.get("skipped_steps"), "samples": last.get("skipped_samples")}
 
-    latest_times = next((r for r in reversed(records) if isinstance(r.get("step_time_per_rank"), list)
-                         and r["step_time_per_rank"]), None)
+    if threshold is None:  # the run's own rule (run.straggler_threshold), as the trainer applied it
+        threshold = _number((recipe or {}).get("run", {}).get("straggler_threshold")) if isinstance(
+            (recipe or {}).get("run"), dict) else None
+        threshold = 0.10 if threshold is None else threshold
+    latest_times = next((r for r in reversed(records) if per_rank_times(r) is not None), None)
     straggle: dict = {"threshold": threshold, "history": straggler_counts(records, threshold)}
     if latest_times:
-        times = [t for t in latest_times["step_time_per_rank"] if _number(t) is not None]
-        flagged = find_stragglers(latest_times["step_time_per_rank"], threshold)
+        all_times, groups = per_rank_times(latest_times)
+        flagged = find_stragglers_in_groups(all_times, groups, threshold)
+        times = [t for t in all_times if _number(t) is not None]
         middle = median(times) if times else None
         straggle.update(step=latest_times.get("step"), flagged=flagged, median_s=middle,
-                        slowest=[(r, latest_times["step_time_per_rank"][r] / middle) for r in flagged] if middle else [])
+                        slowest=[(r, all_times[r] / middle) for r in flagged] if middle else [])
     elif records and isinstance(records[-1].get("stragglers"), list):
         straggle.update(step=step, flagged=records[-1]["stragglers"])
     out["stragglers"] = straggle
@@ -159,6 +164,8 @@ def build_status(run_dir: str, now: float | None = None, gpu: str = "h100-sxm", 
     failed_attempts = {a: r for a, r in failed_attempts.items() if r}
     out["restarts"] = {"events": kinds, "last_event": evs[-1] if evs else None, "attempts": len(exits),
                        "failed_attempts": failed_attempts}
+
+    out["recovery"] = restart_summary(run_dir, now)  # supervisor restarts, effective time (restarts.py)
 
     ckpts, latest_name = rd.checkpoints(run_dir)
     good = rd.last_good_checkpoint(run_dir)
@@ -263,6 +270,7 @@ def format_status(s: dict) -> str:
     for attempt, ranks in sorted(r["failed_attempts"].items()):
         codes = ", ".join(f"rank {k}: {v}" for k, v in sorted(ranks.items())[:8])
         lines.append(f"           attempt {attempt} failed: {codes}")
+    lines += format_restarts(s.get("recovery"))
     c = s["checkpoint"]
     if c["last_good"]:
         lines.append(f"checkpoint {c['last_good']} (step {c['step']:,}), {_duration(c['age_s'])} ago"
