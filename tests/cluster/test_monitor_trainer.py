@@ -128,3 +128,39 @@ def test_terminal_without_a_tty_has_no_redraws(run):
     assert [line.split()[2] for line in progress] == ["2/8", "4/8", "6/8", "8/8"], out
     assert sum(1 for line in out.splitlines() if line.startswith("step ")) == 8  # run.log_every=1
     assert run[1]["stdout"] == "" and run[2]["stdout"] == ""  # only rank 0 writes the terminal
+
+
+def test_progress_lines_without_a_terminal():
+    """Progress on a stream that is not a terminal: a plain line every `every` steps and at the
+    last, log lines in between, no carriage return; disabled (ranks > 0): only the log lines."""
+    import io
+
+    from gigatron.core.metrics import Progress
+
+    err, out = io.StringIO(), io.StringIO()
+    progress = Progress(total=7, initial=0, enabled=True, desc="train", every=3, stream=err, out=out)
+    for step in range(1, 8):
+        progress.update(step, {"loss": 10.0 / step})
+        progress.write(f"log {step}")
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split()[2] for line in lines if line.startswith("train step")] == ["3/7", "6/7", "7/7"]
+    assert [line for line in lines if line.startswith("log")] == [f"log {s}" for s in range(1, 8)]
+    assert "\r" not in out.getvalue() + err.getvalue()
+    quiet = io.StringIO()
+    off = Progress(total=7, initial=0, enabled=False, desc="train", every=3, stream=quiet, out=quiet)
+    off.update(3, {"loss": 1.0})
+    assert quiet.getvalue() == ""
+
+
+def test_monitoring_config_is_validated():
+    from gigatron.core.config import load_config
+    from gigatron.core.config_loader import ConfigError
+
+    recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "recipes", "llama3_debug.yaml")
+    for key, value in (("run.straggler_every", "-1"), ("run.straggler_threshold", "-0.5"),
+                       ("run.profile_steps", "0"), ("run.progress_every", "0")):
+        with pytest.raises(ConfigError) as err:
+            load_config(recipe, [f"{key}={value}"])
+        assert key in str(err.value)
