@@ -12,6 +12,7 @@
     gigatron prepare-text SOURCES --out P   tokenize text into token shards
     gigatron convert to-hf CKPT OUT         checkpoint -> Hugging Face Llama (safetensors, config, tokenizer)
     gigatron convert from-hf HF_DIR CKPT    Hugging Face Llama -> model-only checkpoint (checkpoint.load=CKPT)
+    gigatron sample CKPT --prompt TEXT      Movie Gen: videos from a checkpoint (EMA weights), PNG grid + mp4
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         from gigatron.core.convert.cli import main as convert_main
 
         return convert_main(argv[1:])
+    if argv and argv[0] == "sample":  # its own parser and one-line errors
+        from gigatron.core.sample import main as sample_main
+
+        return sample_main(argv[1:])
     if argv and argv[0] == "train":
         from gigatron.core.train import main as train_main
 
@@ -56,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="train in this process")
     sub.add_parser("prepare-text", help="tokenize text into token shards")
     sub.add_parser("convert", help="checkpoints to and from Hugging Face (convert to-hf|from-hf -h)")
+    sub.add_parser("sample", help="Movie Gen: videos from a checkpoint (gigatron sample -h)")
     p_validate = sub.add_parser("validate", help="check a recipe without starting anything")
     _recipe_args(p_validate)
     p_validate.add_argument("--world-size", type=int, default=None, help="processes the job will have")

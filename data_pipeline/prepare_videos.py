@@ -8,7 +8,9 @@ sample holds:
     frames.npy   (F, H, W, 3) uint8, the decoded frames (--store frames, the default), or
     mp4          the clip re-encoded with H.264 (--store clip: smaller, decoded again when read)
     txt          the caption: the sidecar <video>.txt, else the file name
-    emb.npy      text embeddings (L, D) float32 from the sidecar <video>.emb.npy, when present
+    emb.npy      text embeddings (L, D) float32 from the sidecar <video>.emb.npy, when present, else
+                 computed from the caption by --text-encoder SPEC (data_pipeline/text_encoder.py: the
+                 frozen stand-in for Movie Gen's text encoders, precomputed here, outside training)
     cls          the class index, for a folder tree
 With --vp9 every clip is also re-encoded as VP9 (OUT/vp9/<key>.webm) with OUT/vp9/file_list.txt
 ("path label" lines), because DALI's CPU video reader decodes VP9 only. Every clip is validated
@@ -97,9 +99,16 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def prepare_videos(src: str, out: str, frames: int = 8, resize: int = 0, shard_size: int = 100, store: str = "frames",
-                   vp9: bool = False, max_clips: int = 0, progress: bool = True) -> dict:
+                   vp9: bool = False, max_clips: int = 0, progress: bool = True, text_encoder: str = "",
+                   text_tokens: int = 64) -> dict:
     """Write the clip shards; returns the summary also written to OUT/dataset.json."""
     from tqdm import tqdm
+
+    encoder = None
+    if text_encoder:
+        from .text_encoder import TextEncoder
+
+        encoder = TextEncoder(text_encoder, text_tokens)
 
     if store not in ("frames", "clip"):
         raise ValueError(f"--store must be frames or clip, got {store!r}")
@@ -120,6 +129,8 @@ def prepare_videos(src: str, out: str, frames: int = 8, resize: int = 0, shard_s
         for path, label in videos:
             try:
                 caption, embedding = _sidecars(path)
+                if embedding is None and encoder is not None:
+                    embedding = encoder(caption)
                 limit = frames * max_clips if max_clips else None
                 clips, buffer = 0, []
                 for frame in decode_frames(path, resize, limit):
@@ -151,7 +162,7 @@ def prepare_videos(src: str, out: str, frames: int = 8, resize: int = 0, shard_s
         with open(os.path.join(vp9_dir, "file_list.txt"), "w") as f:
             f.write("".join(line + "\n" for line in file_list))
     summary = {"path": writer.pattern, "samples": writer.samples, "shards": len(writer.shards), "refused": refused,
-               "classes": classes, "frames": frames, "resize": resize, "store": store,
+               "classes": classes, "frames": frames, "resize": resize, "store": store, "text_encoder": text_encoder,
                "vp9_file_list": os.path.join(vp9_dir, "file_list.txt") if vp9 else ""}
     with open(os.path.join(out, "dataset.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -169,11 +180,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="frames: decoded frames.npy; clip: re-encoded H.264 mp4")
     parser.add_argument("--max-clips", type=int, default=0, help="clips per video at most (0 = all)")
     parser.add_argument("--vp9", action="store_true", help="also write VP9 .webm clips + file_list.txt for DALI")
+    parser.add_argument("--text-encoder", default="", metavar="SPEC",
+                        help="embed captions without an emb.npy sidecar: llama-bytes:DIM or a gigatron Llama checkpoint")
+    parser.add_argument("--text-tokens", type=int, default=64, help="longest prompt in tokens (default 64)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         summary = prepare_videos(args.src, args.out, args.frames, args.resize, args.shard_size, args.store, args.vp9,
-                                 args.max_clips, not args.no_progress)
+                                 args.max_clips, not args.no_progress, args.text_encoder, args.text_tokens)
     except (ValueError, OSError) as err:
         print(f"prepare-videos: error: {err}", file=sys.stderr)
         return 1
