@@ -11,14 +11,15 @@ ranks: rank r holds max(0, min(c, n - r c)) rows, c = ceil(n / k), so the count 
 Activations, per token of one micro-batch and one block, for the saved tensors of core/models/llama.py
 (bf16 a = 2 bytes, fp32 upcasts u = 4; local sizes q = H D / tp, kv = Hkv D / tp, f = ffn / tp, and
 s = tp under sequence parallelism, else 1; counted from autograd's saved tensors and checked against
-torch's MemTracker in tests/cluster/test_planner_memory.py):
+torch's MemTracker in tests/cluster/test_planner_activations.py, under the real TP plan too):
     "none":      2 norms x [(2u + a) d / s + a d]   (two fp32 copies and the normed value on T/s
                  tokens; the all-gathered norm output saved by the column-parallel matmuls)
                  + a (2 q + 2 kv cp) + 4 H/tp       (q, k, v for attention, its output, the
                  log-sum-exp; K/V of the whole sequence under all-gather context parallelism)
                  + a f (2 ffn_matrices - 2)          (SwiGLU: w1 x, silu, w3 x, their product)
     "selective": matmul and attention outputs only (parallel/checkpointing.py): the block input,
-                 a (q + 2 kv + q + (ffn_matrices - 1) f) + 2 a d / s (the reduce-scattered outputs)
+                 a (q + 2 kv + q + (ffn_matrices - 1) f) + 2 a d (the row-parallel matmuls' whole
+                 (T, d) outputs) + 2 a d / s under SP (their reduce-scattered results, also saved)
     "full":      the block input, a d / s; backward recomputes one block at a time, whose "none"
                  activations are added once as a transient.
 The output stage also holds the logits, (a + u) V / tp per token (bf16 saved, fp32 inside the loss).
@@ -130,7 +131,10 @@ def activation_bytes_per_token(shape: ModelShape, layout: Layout, mode: str | No
     if mode == "full":
         return a * d / s
     if mode == "selective":
-        return a * d / s + a * (q + 2 * kv + q + (shape.ffn_matrices - 1) * f) + 2 * a * d / s + 4 * heads
+        # the row-parallel matmuls' outputs (wo, w2) are saved whole, (T, d) partial sums before their
+        # reduce; under SP the policy also saves the reduce-scattered (T/s, d) results
+        row_parallel = 2 * a * d + (2 * a * d / s if s > 1 else 0.0)
+        return a * d / s + a * (q + 2 * kv + q + (shape.ffn_matrices - 1) * f) + row_parallel + 4 * heads
     norms = 2 * ((2 * u + a) * d / s + a * d)
     attention = a * (2 * q + 2 * kv * cp) + 4 * heads
     ffn = a * f * (2 * shape.ffn_matrices - 2)
