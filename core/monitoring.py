@@ -191,7 +191,7 @@ class StepMonitor:
         """All-gather (compute seconds, pipeline stage) of every rank; flag the slow ones."""
         mine = torch.tensor([seconds, float(self.pp_rank)], device=self.device, dtype=torch.float64)
         every = torch.empty(self.world * 2, device=self.device, dtype=torch.float64)
-        dist.all_gather_into_tensor(every, mine)
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(every, mine)  # torch 2.13 renamed it
         pairs = every.view(self.world, 2).tolist()
         times, stages = [t for t, _ in pairs], [int(p) for _, p in pairs]
         flagged = find_stragglers_in_groups(times, stages, self.run.straggler_threshold)
