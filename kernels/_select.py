@@ -5,6 +5,7 @@ impl="auto":   the Triton kernel for CUDA tensors when triton is importable, the
                slower than torch);
 impl="triton": the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1);
 impl="torch":  the PyTorch path.
+Tensor subclasses (DTensor, torch.compile's FakeTensor) always take the PyTorch path (`select_for`).
 Each distinct (op, choice, reason) is logged once on "gigatron.kernels" (a child of "gigatron", so
 handlers on logging.getLogger("gigatron") see it). The engine drives `impl` from config, never env vars.
 """
@@ -17,7 +18,7 @@ import torch
 
 from .attention_triton import interpret_mode, triton_available
 
-__all__ = ["IMPLS", "select_impl", "out_buffer", "finish"]
+__all__ = ["IMPLS", "select_impl", "select_for", "out_buffer", "finish"]
 
 logger = logging.getLogger("gigatron.kernels")
 IMPLS = ("auto", "triton", "torch")
@@ -46,6 +47,20 @@ def select_impl(op: str, impl: str, device: torch.device) -> str:
         _logged.add((op, choice, reason))
         logger.info("%s impl %r -> %r: %s", op, impl, choice, reason)
     return choice
+
+
+def select_for(op: str, impl: str, *tensors: torch.Tensor) -> str:
+    """select_impl for these tensors: tensor subclasses (DTensor under tensor parallelism, FakeTensor
+    under torch.compile) take the PyTorch path, which DTensor shards and inductor fuses by itself."""
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        if impl == "triton":
+            raise RuntimeError(f"{op}: impl 'triton' needs plain tensors, got {[type(t).__name__ for t in tensors]}")
+        choice, reason = "torch", "tensor subclass (DTensor / torch.compile)"
+        if (op, choice, reason) not in _logged:
+            _logged.add((op, choice, reason))
+            logger.info("%s impl %r -> %r: %s", op, impl, choice, reason)
+        return choice
+    return select_impl(op, impl, tensors[0].device)
 
 
 def out_buffer(shape, dtype, device):

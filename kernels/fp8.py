@@ -19,9 +19,10 @@ Recipes (`Fp8Recipe.scaling`):
     "current"  (alias "tensorwise") scale from this tensor's amax.
     "rowwise"  one scale per row of each operand (per token for activations and gradients, per output
                channel for weights), from that row's amax.
-Tensor parallel: pass amax_reduce(tensor, op) -> tensor (op "max"; the engine's tp collective) so all
-ranks use one scale per tensor; applied to tensorwise / delayed amaxes (rowwise amaxes are per row of a
-local tensor and are not reduced).
+Sharded tensors: pass amax_reduce(amax, kind) -> amax, kind in ("input", "weight", "grad_output"): it
+max-reduces the local amax (tensorwise (1,), rowwise (rows, 1)) over the ranks that split that tensor,
+so all ranks use the scale one process would (parallel/fp8.py decides the groups per operand).
+Delayed scaling per step: see Fp8Linear.fp8_update_scales.
 
 Fp8Linear: forward y = dq(q(x)) dq(q(W))^T + b, backward dx = dq(q(g)) dq(q(W)), dW = dq(q(g))^T dq(q(x)),
 db = sum g in high precision. The fp8 x and W are what is saved for backward. GEMMs: emulated (dequantize
@@ -41,14 +42,14 @@ import torch
 from torch import nn
 
 __all__ = ["E4M3", "E5M2", "FP8_MAX", "Fp8Recipe", "compute_scale", "quantize", "dequantize", "quantize_dequantize",
-           "Fp8Linear", "convert_linears", "fp8_stats"]
+           "fp8_matmul_forward", "fp8_matmul_backward", "Fp8Linear", "convert_linears", "fp8_stats"]
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8_MAX = {E4M3: float(torch.finfo(E4M3).max), E5M2: float(torch.finfo(E5M2).max)}  # 448, 57344
 SCALINGS = ("delayed", "current", "tensorwise", "rowwise")
 KINDS = ("input", "weight", "grad_output")  # rows of the amax history / scale buffers
 fp8_stats: Counter = Counter()  # process-wide quantize calls per kind (all Fp8Linear modules)
-AmaxReduce = Callable[[torch.Tensor, str], torch.Tensor]
+AmaxReduce = Callable[[torch.Tensor, str], torch.Tensor]  # (local amax, kind) -> amax of the whole tensor
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,10 @@ class Fp8Recipe:
                 raise ValueError(f"fp8 dtype must be float8_e4m3fn or float8_e5m2, got {dt}")
 
 
-def compute_scale(amax: torch.Tensor, fp8_max: float, margin: int = 0,
+def compute_scale(amax: torch.Tensor, fp8_max, margin: int = 0,
                   prev_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """fp8_max / amax * 2^-margin (fp32, amax's shape); amax == 0 / inf / nan -> prev_scale (or 1)."""
+    """fp8_max / amax * 2^-margin (fp32, amax's shape; fp8_max a float or a tensor broadcasting with
+    amax); amax == 0 / inf / nan -> prev_scale (or 1)."""
     amax = amax.float()
     fallback = torch.ones_like(amax) if prev_scale is None else prev_scale.float().expand_as(amax)
     ok = torch.isfinite(amax) & (amax > 0)
@@ -121,33 +123,45 @@ def _gemm(a_q, a_scale, b_q, b_scale, out_dtype):
     return (dequantize(a_q, a_scale) @ dequantize(b_q, b_scale)).to(out_dtype)
 
 
+def fp8_matmul_forward(module, x2: torch.Tensor, weight: torch.Tensor, reduce: Optional[AmaxReduce] = None):
+    """y2 = x2 @ weight^T through fp8 (x2 (M, K), weight (N, K), local tensors; no bias). Returns (y2 in
+    x2's dtype, what backward needs: the fp8 operands and their scales)."""
+    rec = module.fp8_recipe
+    x_q, x_s = module._quantize("input", x2, rec.fwd_dtype, reduce)  # scale (1,) or (M, 1)
+    w_q, w_s = module._quantize("weight", weight, rec.fwd_dtype, reduce)  # scale (1,) or (N, 1)
+    y = _gemm(x_q, x_s, w_q.t(), w_s.reshape(1, -1) if w_s.numel() > 1 else w_s, x2.dtype)  # (M, N)
+    return y, (x_q, x_s, w_q, w_s, weight.dtype)
+
+
+def fp8_matmul_backward(module, saved, g2: torch.Tensor, reduce: Optional[AmaxReduce] = None):
+    """(dx2 (M, K), dw (N, K)) of fp8_matmul_forward for the output gradient g2 (M, N), quantized to
+    the recipe's backward format (e5m2)."""
+    x_q, x_s, w_q, w_s, w_dtype = saved
+    g_q, g_s = module._quantize("grad_output", g2, module.fp8_recipe.bwd_dtype, reduce)
+    if g_s.numel() == 1 and w_s.numel() == 1:  # tensorwise: both GEMMs may run in fp8 on GPU
+        dx = _gemm(g_q, g_s, w_q, w_s, g2.dtype)  # (M, K)
+        dw = _gemm(g_q.t(), g_s, x_q, x_s, w_dtype)  # (N, K)
+    else:  # rowwise scales lie along the contraction dims here: emulate
+        g = dequantize(g_q, g_s)
+        dx = (g @ dequantize(w_q, w_s)).to(g2.dtype)
+        dw = (g.t() @ dequantize(x_q, x_s)).to(w_dtype)
+    return dx, dw
+
+
 class _Fp8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, module):
-        rec = module.fp8_recipe
-        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        x_q, x_s = module._quantize("input", x2, rec.fwd_dtype)  # scale (1,) or (M, 1)
-        w_q, w_s = module._quantize("weight", weight, rec.fwd_dtype)  # weight (N, K); scale (1,) or (N, 1)
-        y = _gemm(x_q, x_s, w_q.t(), w_s.reshape(1, -1) if w_s.numel() > 1 else w_s, x.dtype)  # (M, N)
+        y, saved = fp8_matmul_forward(module, x.reshape(-1, x.shape[-1]), weight, module.amax_reduce)
         if bias is not None:
             y = y + bias.to(y.dtype)
-        ctx.save_for_backward(x_q, x_s, w_q, w_s)
-        ctx.module, ctx.x_shape, ctx.has_bias, ctx.w_dtype = module, x.shape, bias is not None, weight.dtype
+        ctx.module, ctx.x_shape, ctx.has_bias, ctx.w_dtype = module, x.shape, bias is not None, saved[4]
+        ctx.save_for_backward(*saved[:4])  # the fp8 x and W are what backward keeps
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_q, x_s, w_q, w_s = ctx.saved_tensors
-        module = ctx.module
         g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
-        g_q, g_s = module._quantize("grad_output", g2, module.fp8_recipe.bwd_dtype)
-        if g_s.numel() == 1 and w_s.numel() == 1:  # tensorwise: both GEMMs may run in fp8 on GPU
-            dx = _gemm(g_q, g_s, w_q, w_s, grad_out.dtype)  # (M, K)
-            dw = _gemm(g_q.t(), g_s, x_q, x_s, ctx.w_dtype)  # (N, K)
-        else:  # rowwise scales lie along the contraction dims here: emulate
-            g = dequantize(g_q, g_s)
-            dx = (g @ dequantize(w_q, w_s)).to(grad_out.dtype)
-            dw = (g.t() @ dequantize(x_q, x_s)).to(ctx.w_dtype)
+        dx, dw = fp8_matmul_backward(ctx.module, (*ctx.saved_tensors, ctx.w_dtype), g2, ctx.module.amax_reduce)
         db = g2.float().sum(0).to(ctx.w_dtype) if ctx.has_bias else None
         return dx.reshape(ctx.x_shape), dw, db, None
 
@@ -155,7 +169,13 @@ class _Fp8LinearFunction(torch.autograd.Function):
 class Fp8Linear(nn.Linear):
     """nn.Linear with FP8 GEMMs (see the module docstring). Same parameters and names as nn.Linear
     (weight, bias), plus two persistent buffers: fp8_amax_history (3, H) and fp8_scale (3,), rows
-    ordered input, weight, grad_output."""
+    ordered input, weight, grad_output, and one transient buffer fp8_pending_amax (3,) (the step's
+    amaxes not yet in the history; zero at every step boundary, so never checkpointed).
+
+    Delayed scaling updates its history after every quantize call by default; with
+    `fp8_per_call_update = False` (what the engine sets, parallel/fp8.py) a call only records its
+    amax in fp8_pending_amax and the owner calls `fp8_update_scales()` once per optimizer step: every
+    micro-batch of a step then uses the same scales, whatever the split into dp ranks and micro-batches."""
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
                  recipe: Fp8Recipe = Fp8Recipe(), amax_reduce: Optional[AmaxReduce] = None):
@@ -167,6 +187,9 @@ class Fp8Linear(nn.Linear):
         dev = self.weight.device
         self.register_buffer("fp8_amax_history", torch.zeros(len(KINDS), recipe.amax_history_len, device=dev))
         self.register_buffer("fp8_scale", torch.ones(len(KINDS), device=dev))
+        self.register_buffer("fp8_pending_amax", torch.zeros(len(KINDS), device=dev), persistent=False)
+        self.fp8_per_call_update = True
+        self._history_filled = False
         self.quantize_calls: Counter = Counter()
 
     @classmethod
@@ -182,34 +205,78 @@ class Fp8Linear(nn.Linear):
         new.train(linear.training)
         return new
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Fresh scaling state (after `to_empty` on a model built on the meta device)."""
+        self.fp8_amax_history.zero_()
+        self.fp8_scale.fill_(1.0)
+        self.fp8_pending_amax.zero_()
+        self._history_filled = False
+
     def forward(self, x):
         return _Fp8LinearFunction.apply(x, self.weight, self.bias, self)
 
     @torch.no_grad()
-    def _quantize(self, kind: str, t: torch.Tensor, dtype: torch.dtype):
-        """Quantize t for GEMM operand `kind`; return (fp8 tensor, scale (1,) or (rows, 1))."""
+    def _quantize(self, kind: str, t: torch.Tensor, dtype: torch.dtype, reduce: Optional[AmaxReduce] = None):
+        """Quantize t for GEMM operand `kind`; return (fp8 tensor, scale (1,) or (rows, 1)).
+        reduce(amax, kind) -> amax makes the amax that of the whole tensor when t is a shard (the
+        engine's max-all-reduce over the groups that split t)."""
         rec, i, fp8_max = self.fp8_recipe, KINDS.index(kind), FP8_MAX[dtype]
         self.quantize_calls[kind] += 1
         fp8_stats[kind] += 1
         if rec.scaling == "rowwise":
-            scale = compute_scale(t.detach().abs().amax(dim=-1, keepdim=True).float(), fp8_max, rec.margin)
+            amax = t.detach().abs().amax(dim=-1, keepdim=True).float()
+            scale = compute_scale(reduce(amax, kind) if reduce is not None else amax, fp8_max, rec.margin)
             return quantize(t, scale, dtype), scale
         amax = t.detach().abs().amax().float().reshape(1)
-        if self.amax_reduce is not None:
-            amax = self.amax_reduce(amax, "max")
         if rec.scaling in ("current", "tensorwise"):
+            amax = reduce(amax, kind) if reduce is not None else amax
             scale = compute_scale(amax, fp8_max, rec.margin)
             self.fp8_scale[i] = scale[0]
             return quantize(t, scale, dtype), scale
-        hist = self.fp8_amax_history[i]
-        if not bool((hist != 0).any()):  # first call: nothing delayed yet, use the current amax
-            self.fp8_scale[i] = compute_scale(amax, fp8_max, rec.margin, self.fp8_scale[i])[0]
+        if self.fp8_per_call_update and reduce is not None:
+            amax = reduce(amax, kind)  # the whole tensor's amax goes into the history at once
+        if not self._history_filled:
+            self._history_filled = bool((self.fp8_amax_history != 0).any())  # set by a loaded checkpoint too
+        if not self._history_filled:  # nothing delayed yet (first step): use the current, whole-tensor amax
+            current = reduce(amax.clone(), kind) if reduce is not None and not self.fp8_per_call_update else amax
+            self.fp8_scale[i] = compute_scale(current, fp8_max, rec.margin, self.fp8_scale[i])[0]
         scale = self.fp8_scale[i].clone().reshape(1)  # the delayed scale, from steps before this one
-        hist.copy_(torch.roll(hist, 1))
-        hist[0] = amax[0]
-        ref = hist.max() if rec.amax_compute_algo == "max" else hist[0]
-        self.fp8_scale[i] = compute_scale(ref.reshape(1), fp8_max, rec.margin, self.fp8_scale[i])[0]
+        if self.fp8_per_call_update:
+            self.fp8_pending_amax[i] = amax[0]
+            self._push(torch.arange(len(KINDS)) == i)
+        else:
+            self.fp8_pending_amax[i] = torch.maximum(self.fp8_pending_amax[i], amax[0])
         return quantize(t, scale, dtype), scale
+
+    @torch.no_grad()
+    def _push(self, rows: torch.Tensor) -> None:
+        """Push fp8_pending_amax into the history for `rows` (bool (3,)), recompute their scales, clear."""
+        rows = rows.to(self.fp8_scale.device)
+        amax = torch.nan_to_num(self.fp8_pending_amax, nan=0.0, posinf=0.0)  # a skipped non-finite step
+        hist = self.fp8_amax_history
+        rolled = torch.roll(hist, 1, dims=1)
+        rolled[:, 0] = amax
+        hist.copy_(torch.where(rows[:, None], rolled, hist))
+        ref = hist.max(dim=1).values if self.fp8_recipe.amax_compute_algo == "max" else hist[:, 0]
+        fp8_max = torch.tensor([FP8_MAX[self.fp8_recipe.fwd_dtype]] * 2 + [FP8_MAX[self.fp8_recipe.bwd_dtype]],
+                               device=hist.device)  # per row: input, weight (e4m3), grad_output (e5m2)
+        new = compute_scale(ref, fp8_max, self.fp8_recipe.margin, self.fp8_scale)
+        self.fp8_scale.copy_(torch.where(rows, new, self.fp8_scale))
+        self.fp8_pending_amax.masked_fill_(rows, 0.0)
+        self._history_filled = self._history_filled or bool(rows.any())
+
+    @torch.no_grad()
+    def fp8_update_scales(self, amax: Optional[torch.Tensor] = None) -> None:
+        """End of an optimizer step (delayed scaling, fp8_per_call_update False): push this step's
+        amaxes (`amax` (3,) if given: the pending amaxes already max-reduced over the ranks) into the
+        history and compute the scales the next step uses. A kind never quantized this step (amax 0)
+        still shifts its history. No-op for the other recipes."""
+        if self.fp8_recipe.scaling != "delayed":
+            return
+        if amax is not None:
+            self.fp8_pending_amax.copy_(amax)
+        self._push(torch.ones(len(KINDS), dtype=torch.bool))
 
     def extra_repr(self):
         return f"{super().extra_repr()}, fp8={self.fp8_recipe.scaling}"

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from ._select import cdiv, finish, kernels, next_pow2, out_buffer, select_impl
+from ._select import cdiv, finish, kernels, next_pow2, out_buffer, select_for
 
-__all__ = ["rms_norm", "rms_norm_reference", "RMSNormFunction"]
+__all__ = ["rms_norm", "rms_norm_reference", "rms_norm_unfused", "RMSNormFunction"]
 
 MAX_D = 65536
 
@@ -82,8 +82,16 @@ class RMSNormFunction(torch.autograd.Function):
         return finish(dx, x2.dtype).view(ctx.x_shape), dw, None
 
 
+def rms_norm_unfused(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The PyTorch path: llama.py's RMSNorm as it always was (normalise in fp32, round to x's dtype,
+    multiply by the weight): bitwise the reference in fp32, one more rounding in 16 bits."""
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return normed.type_as(x) * weight
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, impl: str = "auto") -> torch.Tensor:
-    """RMSNorm of x (..., D) with weight (D,); see the module docstring. Differentiable in x and weight."""
-    if select_impl("rms_norm", impl, x.device) == "torch":
-        return rms_norm_reference(x, weight, eps)
+    """RMSNorm of x (..., D) with weight (D,); see the module docstring. Differentiable in x and weight.
+    impl "torch" (and DTensor / compile inputs) runs `rms_norm_unfused`."""
+    if select_for("rms_norm", impl, x, weight) == "torch":
+        return rms_norm_unfused(x, weight, eps)
     return RMSNormFunction.apply(x, weight, eps)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._select import cdiv, finish, kernels, next_pow2, out_buffer, select_impl
+from ._select import cdiv, finish, kernels, next_pow2, out_buffer, select_for
 
 __all__ = ["apply_rope", "apply_rope_reference", "RoPEFunction"]
 
@@ -68,6 +68,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, impl: s
     """Rotate x (B, H, T, D) by the (T, D) cos / sin tables; differentiable in x."""
     if x.dim() != 4:
         raise ValueError(f"apply_rope: x must be (B, H, T, D), got {tuple(x.shape)}")
-    if select_impl("apply_rope", impl, x.device) == "torch":
+    if select_for("apply_rope", impl, x, cos, sin) == "torch":
         return apply_rope_reference(x, cos, sin)
     return RoPEFunction.apply(x, cos, sin)

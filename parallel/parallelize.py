@@ -1,5 +1,5 @@
-"""Apply every parallelism to a model, in one fixed order: TP/SP -> CP -> activation checkpointing
--> compile -> FSDP; then give each rank its shard of the initial weights. Each step takes the mesh,
+"""Apply every parallelism to a model, in one fixed order: TP/SP -> FP8 -> CP -> activation
+checkpointing -> compile -> FSDP; then give each rank its shard of the initial weights. Each step takes the mesh,
 its own config and the family's plan (core/family.py); the model code knows nothing of it.
 """
 
@@ -14,6 +14,7 @@ from gigatron.core import rng
 from gigatron.core.family import ModelFamily, blocks_of, module_at
 from gigatron.parallel.checkpointing import apply_ac
 from gigatron.parallel.context import apply_cp
+from gigatron.parallel.fp8 import apply_fp8
 from gigatron.parallel.fsdp import apply_fsdp
 from gigatron.parallel.mesh import ParallelDims
 from gigatron.parallel.tensor import apply_tp, grad_to_param_layout
@@ -27,6 +28,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, family: ModelFamily, 
         for path, source in plan.tied(cfg.model):  # TP distributed each user of a shared parameter apart
             owner, _, name = path.rpartition(".")
             setattr(module_at(model, owner), name, _parameter_at(model, source))
+    # 1b. FP8 (cfg.fp8): the blocks' linears -> FP8 linears, after TP (they keep its styles and see their
+    # shards' placements) and before FSDP (which then shards them as it does nn.Linear) (parallel/fp8.py)
+    apply_fp8(model, mesh, cfg, plan, family.n_blocks(cfg.model))
     # 2. context parallel: the plan's self-attention cores -> all-gather or ring over mesh["cp"]
     if dims.cp > 1:
         apply_cp(model, mesh, cfg, plan)

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gigatron.core.models.attention import AttentionCore
+from gigatron.kernels import rmsnorm, rope, swiglu
 
 
 @dataclass
@@ -81,10 +81,10 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) rotated by angle position*freq in the half-split layout; cos/sin (T, D)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).type_as(x)
+    """x (B, H, T, D) rotated by angle position*freq in the half-split layout; cos/sin (T, D).
+    Fused kernels (kernels/rope.py, rmsnorm.py, swiglu.py): Triton on CUDA, the PyTorch formula on CPU
+    and for DTensor inputs, chosen once per op and logged once ("gigatron.kernels")."""
+    return rope.apply_rope(x, cos, sin, impl="auto")
 
 
 class RMSNorm(nn.Module):
@@ -94,8 +94,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return rmsnorm.rms_norm(x, self.weight, self.eps, impl="auto")  # x*rsqrt(mean(x^2)+eps) * w, fp32 math
 
 
 class Attention(nn.Module):
@@ -128,7 +127,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu.swiglu(self.w1(x), self.w3(x), impl="auto"))  # silu(a) * b
 
 
 class TransformerBlock(nn.Module):

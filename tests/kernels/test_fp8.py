@@ -113,7 +113,7 @@ def test_amax_reduce_callback_gives_one_scale_over_tp():
 
     def rank_fn(rank, all_reduce):
         torch.manual_seed(0)
-        lin = Fp8Linear(16, 8, recipe=Fp8Recipe("current"), amax_reduce=all_reduce)
+        lin = Fp8Linear(16, 8, recipe=Fp8Recipe("current"), amax_reduce=lambda amax, kind: all_reduce(amax, "max"))
         lin(xs[rank]).sum().backward()
         return lin.fp8_scale.clone()
 
