@@ -24,7 +24,7 @@
 #     RUN_DIR/checkpoint_request exists: checkpoint, delete the file, exit 42. Exit 0 = finished.
 #   torchrun reports any failed worker as exit 1, so every rank runs under a small bash shim that
 #   records its exit status in RUN_DIR/.exit/attempt-<A>/rank-<RANK> (and its node and the time in
-#   host-<RANK>); "42 on any rank" means "checkpointed". The shim also prints one line
+#   .exit/attempt-<A>.hosts/rank-<RANK>); "42 on any rank" means "checkpointed". The shim also prints one line
 #   `gigatron-launch: rank R/W local_rank L node N` at the top of each rank's log.
 #   5. Failures: cluster/supervisor.py runs the attempts (torchrun here, srun under SLURM). When a
 #      rank crashes, hangs (core/heartbeat.py exits 43) or a node is lost, it restarts the job from
@@ -264,7 +264,7 @@ set_distributed_env() {
 RANK_SHIM='printf "gigatron-launch: rank %s/%s local_rank %s node %s\n" "$RANK" "$WORLD_SIZE" "$LOCAL_RANK" "${SLURMD_NODENAME:-$(hostname)}"
 "$@"
 status=$?
-printf "%s %s\n" "${SLURMD_NODENAME:-$(hostname)}" "$(date +%s.%N)" > "$GIGATRON_EXIT_DIR/host-$RANK"
+printf "%s %s\n" "${SLURMD_NODENAME:-$(hostname)}" "$(date +%s.%N)" > "$GIGATRON_EXIT_DIR.hosts/rank-$RANK"
 printf "%s\n" "$status" > "$GIGATRON_EXIT_DIR/rank-$RANK"
 exit "$status"'
 

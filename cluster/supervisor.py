@@ -64,14 +64,14 @@ def signal_name(status: int) -> str | None:
 
 
 def rank_records(exit_dir: str) -> dict[int, dict]:
-    """{rank: {"status", "host", "time"}} from the shims' files rank-<R> (exit status) and host-<R>
-    ("host time of exit")."""
+    """{rank: {"status", "host", "time"}} from the shims' files <exit_dir>/rank-<R> (exit status) and
+    <exit_dir>.hosts/rank-<R> ("host time-of-exit")."""
     out = {}
     if os.path.isdir(exit_dir):
         for name in os.listdir(exit_dir):
             if name.startswith("rank-"):
                 status = open(os.path.join(exit_dir, name)).read().split()
-                meta_path = os.path.join(exit_dir, "host-" + name[5:])
+                meta_path = os.path.join(exit_dir + ".hosts", name)
                 meta = open(meta_path).read().split() if os.path.exists(meta_path) else []
                 if status:
                     out[int(name[5:])] = {"status": int(status[0]), "host": meta[0] if meta else "?",
@@ -145,9 +145,10 @@ class Supervisor:
 
     def run_attempt(self, attempt: int, start: float) -> int:
         exit_dir = os.path.join(self.run_dir, ".exit", f"attempt-{attempt}")
-        os.makedirs(exit_dir, exist_ok=True)
-        for name in os.listdir(exit_dir):
-            os.remove(os.path.join(exit_dir, name))
+        for folder in (exit_dir, exit_dir + ".hosts"):
+            os.makedirs(folder, exist_ok=True)
+            for name in os.listdir(folder):
+                os.remove(os.path.join(folder, name))
         env = dict(os.environ, GIGATRON_ATTEMPT=str(attempt), GIGATRON_EXIT_DIR=exit_dir,
                    GIGATRON_LOG_DIR=os.path.join(self.run_dir, "logs", f"attempt-{attempt}"),
                    GIGATRON_RUN_START=repr(start))

@@ -6,7 +6,9 @@ time of the last progress) to its own client of the job's TCPStore (torchrun's a
 after each step, `phase(name)` around slow work. Rank 0's thread reads every heartbeat; a rank
 without progress for `cluster.hang_timeout_s` (steps) or `cluster.slow_phase_timeout_s` (start-up,
 the first step of an attempt, where torch.compile runs, checkpoint saves, evaluation, shutdown) is
-stuck. Rank 0 then sets `abort` in the store; every rank's thread answers with its last collectives
+stuck. The process groups' collective timeout follows the phase too (`_set_pg_timeout`: the
+watchdog's timeout plus its reaction time), much shorter than torch's default 10 or 30 minutes
+during steps, and it never fires before the watchdog. Rank 0 then sets `abort` in the store; every rank's thread answers with its last collectives
 from torch's flight recorder (TORCH_FR_BUFFER_SIZE: NCCL and, since torch 2.7, gloo record every
 collective in a ring buffer, cheap enough to stay on) and exits with HANG_EXIT_CODE, which tears the
 job down (torchrun stops the other ranks, srun the other nodes) and lets the supervisor restart it.
@@ -14,8 +16,7 @@ job down (torchrun stops the other ranks, srun the other nodes) and lets the sup
 The stuck rank is the one behind: in some process group it has entered fewer collectives than a
 peer (the peers wait for it there), the fewest steps and collectives of those. Rank 0 writes the
 finding to RUN_DIR/hangs.jsonl and the log: stuck ranks, hosts, phase, step, seconds without
-progress, and the last collectives of every rank. The process-group timeout is set to the slow-phase
-timeout plus margin (parallel/mesh.py), so this watchdog, which knows the phases, always fires first.
+progress, and the last collectives of every rank.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def last_collectives(k: int = LAST_COLLECTIVES) -> dict | None:
         ranks = (config.get(pg[0]) or {}).get("ranks", "")
         groups.setdefault(f"{pg[1]} {ranks}".strip(), []).append(e)
     out = {}
-    for key, items in groups.items():
+    for key, items in groups.items():  # p2p (pipeline sends/receives) count apart: collectives only
+        items = [e for e in items if not e.get("is_p2p")] or items
         out[key] = [{"seq": e.get("collective_seq_id"), "op": e.get("profiling_name"),
                      "sizes": e.get("input_sizes"), "state": e.get("state")} for e in items[-k:]]
     return {"groups": out, "total": max(e.get("record_id", 0) for e in entries) + 1}
@@ -90,11 +92,18 @@ def name_stuck(beats: dict[int, dict], records: dict[int, dict | None], stale: l
     return [r for r in pool if key[r] == low], how
 
 
+def collective_timeout(cluster, phase_timeout_s: float) -> datetime.timedelta:
+    """The groups' collective timeout for a phase: the watchdog's, plus its check period, the time it
+    takes to collect the flight records and a margin, so that the watchdog always fires first."""
+    return datetime.timedelta(seconds=phase_timeout_s + 3 * cluster.heartbeat_s + 5.0)
+
+
 class Watchdog:
     """The heartbeat/watchdog thread of one rank (see the module docstring)."""
 
-    def __init__(self, cluster, run_dir: str, rank: int, world: int, attempt: int):
+    def __init__(self, cluster, run_dir: str, rank: int, world: int, attempt: int, groups: list | None = None):
         self.c, self.run_dir, self.rank, self.world, self.attempt = cluster, run_dir, rank, world, attempt
+        self.groups = groups or []  # process groups whose collective timeout follows the phase
         self.host = os.environ.get("SLURMD_NODENAME", socket.gethostname())
         self.step, self.phase_name = 0, "startup"
         self.progress_time = self.started = time.time()
@@ -111,10 +120,19 @@ class Watchdog:
     def progress(self, step: int) -> None:
         self.step, self.progress_time = step, time.time()
         if self.phase_name == "first_step":
-            self.phase_name = "step"
+            self.set_phase("step")
 
     def set_phase(self, name: str) -> None:
+        slow_before = self.phase_name in SLOW_PHASES
         self.phase_name, self.progress_time = name, time.time()
+        if (name in SLOW_PHASES) != slow_before and name != "done":
+            self._follow_phase()
+
+    def _follow_phase(self) -> None:
+        seconds = collective_timeout(self.c, self.timeout(self.phase_name))
+        for group in self.groups:  # takes effect for the collectives issued from now on
+            with contextlib.suppress(Exception):
+                dist.distributed_c10d._set_pg_timeout(seconds, group)
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -211,14 +229,15 @@ class Watchdog:
 _active: Watchdog | None = None
 
 
-def start(cluster, run_dir: str) -> Watchdog | None:
-    """Start this rank's watchdog (once per process; needs the process group's MASTER_ADDR/PORT)."""
+def start(cluster, run_dir: str, groups: list | None = None) -> Watchdog | None:
+    """Start this rank's watchdog (needs the process group's MASTER_ADDR/PORT). `groups`: the
+    process groups whose collective timeout follows the phase (ParallelDims.groups())."""
     global _active
     stop()  # one left by an earlier run in this process (in-process tests)
     if dist.is_initialized() and "MASTER_ADDR" in os.environ:
         try:
             _active = Watchdog(cluster, run_dir, dist.get_rank(), dist.get_world_size(),
-                               int(os.environ.get("GIGATRON_ATTEMPT", "0")))
+                               int(os.environ.get("GIGATRON_ATTEMPT", "0")), groups)
         except (RuntimeError, ValueError) as err:  # no store at MASTER_ADDR:MASTER_PORT
             log.warning("hang detection off: cannot reach the rendezvous store (%s)", err)
     return _active

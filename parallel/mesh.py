@@ -13,7 +13,6 @@ Derived meshes are named for their use, and are the only handle to a process gro
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from gigatron.core.config import ParallelConfig
+from gigatron.core.heartbeat import collective_timeout
 
 log = logging.getLogger("gigatron")
 
@@ -61,6 +61,11 @@ class ParallelDims:
         self.mesh = mesh
         return mesh
 
+    def groups(self) -> list:
+        """The default process group, then every group of the mesh with more than one rank."""
+        names = (*MESH_DIMS, "batch", "loss", "fsdp_shard")
+        return [dist.group.WORLD] + [self.mesh[n].get_group() for n in names if self.mesh[n].size() > 1]
+
     def coordinates(self) -> dict[str, int]:
         return {name: self.mesh.get_local_rank(name) for name in MESH_DIMS}
 
@@ -72,10 +77,11 @@ def device_type() -> str:
 def init_distributed(cfg: ParallelConfig, cluster=None) -> ParallelDims:
     """Start the default process group (NCCL on GPU, gloo on CPU) and build the mesh.
 
-    With `cluster` (ClusterConfig) every group's collective timeout is cluster.slow_phase_timeout_s
-    plus two heartbeats instead of torch's 10/30 minutes: core/heartbeat.py, which knows the slow
-    phases, names a stuck rank first. torch's flight recorder stays on (the last 2,000 collectives per
-    rank, a ring buffer) unless TORCH_FR_BUFFER_SIZE says otherwise: the watchdog reports from it."""
+    With `cluster` (ClusterConfig) every group's collective timeout starts at the slow-phase one
+    (start-up); core/heartbeat.py then keeps it just above its own per-phase timeout, so the watchdog
+    names a stuck rank before a collective times out. torch's flight recorder stays on (the last
+    2,000 collectives per rank, a ring buffer) unless TORCH_FR_BUFFER_SIZE says otherwise: the
+    watchdog reports from it."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dims = ParallelDims.from_config(cfg)
     assert dims.world_size == world_size, "validate(cfg, world_size) must run before init_distributed"
@@ -87,15 +93,13 @@ def init_distributed(cfg: ParallelConfig, cluster=None) -> ParallelDims:
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
                               RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
-        timeout = {} if cluster is None else {
-            "timeout": datetime.timedelta(seconds=cluster.slow_phase_timeout_s + 2 * cluster.heartbeat_s)}
+        timeout = {} if cluster is None else {"timeout": collective_timeout(cluster, cluster.slow_phase_timeout_s)}
         dist.init_process_group("nccl" if dev == "cuda" else "gloo", **timeout)
     dims.build_mesh(dev)
     if cluster is not None and hasattr(dist.distributed_c10d, "_set_pg_timeout"):  # the mesh's own groups
-        seconds = datetime.timedelta(seconds=cluster.slow_phase_timeout_s + 2 * cluster.heartbeat_s)
-        for name in (*MESH_DIMS, "batch", "loss", "fsdp_shard"):
-            if dims.mesh[name].size() > 1:
-                dist.distributed_c10d._set_pg_timeout(seconds, dims.mesh[name].get_group())
+        seconds = collective_timeout(cluster, cluster.slow_phase_timeout_s)
+        for group in dims.groups()[1:]:
+            dist.distributed_c10d._set_pg_timeout(seconds, group)
     coords = " ".join(f"{k}={v}" for k, v in dims.coordinates().items())
     log.info("rank %d/%d on %s: %s (backend %s)", dist.get_rank(), world_size,
              os.environ.get("SLURMD_NODENAME", os.uname().nodename), coords, dist.get_backend())
