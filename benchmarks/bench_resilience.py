@@ -111,7 +111,8 @@ def main() -> int:
                   f"steps {a:.2%} vs fixed 500 {b:.2%} ({a / b:.3f}x)")
     out = {"model": "llama3_405b", "gpus": GPUS, "step_s": step_s, "tflops_per_gpu": TFLOPS_PER_GPU / 1e12,
            "interruptions": INTERRUPTIONS, "days": DAYS, "mtbf_h": mtbf_s / 3600, "save_s": args.save_s,
-           "restart_s": args.restart_s, "seeds": args.seeds, "auto_interval_s": auto_s, "auto_interval_steps": auto_steps,
+           "restart_s": args.restart_s, "seeds": args.seeds, "auto_interval_s": auto_s,
+           "auto_interval_steps": auto_steps,
            "policies": rows, "ratio_auto_vs_fixed_500": rows["auto"]["effective_mean"] / base,
            "sensitivity": sensitivity}
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)

@@ -8,10 +8,12 @@ without progress for `cluster.hang_timeout_s` (steps) or `cluster.slow_phase_tim
 the first step of an attempt, where torch.compile runs, checkpoint saves, evaluation, shutdown) is
 stuck. The process groups' collective timeout follows the phase too (`_set_pg_timeout`: the
 watchdog's timeout plus its reaction time), much shorter than torch's default 10 or 30 minutes
-during steps, and it never fires before the watchdog. Rank 0 then sets `abort` in the store; every rank's thread answers with its last collectives
-from torch's flight recorder (TORCH_FR_BUFFER_SIZE: NCCL and, since torch 2.7, gloo record every
-collective in a ring buffer, cheap enough to stay on) and exits with HANG_EXIT_CODE, which tears the
-job down (torchrun stops the other ranks, srun the other nodes) and lets the supervisor restart it.
+during steps, and it never fires before the watchdog. Rank 0 then sets `abort` in the store;
+every rank's thread answers with its last collectives from torch's flight recorder
+(TORCH_FR_BUFFER_SIZE: NCCL, and gloo in torch 2.13, record every collective in a ring buffer,
+cheap enough to stay on: no measurable cost per gloo all-reduce here) and exits with
+HANG_EXIT_CODE, which tears the job down (torchrun stops the other ranks, srun the other nodes) and
+lets the supervisor restart it.
 
 The stuck rank is the one behind: in some process group it has entered fewer collectives than a
 peer (the peers wait for it there), the fewest steps and collectives of those. Rank 0 writes the
@@ -43,7 +45,7 @@ LAST_COLLECTIVES = 4  # per process group, in the report
 def last_collectives(k: int = LAST_COLLECTIVES) -> dict | None:
     """This rank's last k collectives per process group from the flight recorder; None if it is off."""
     c10d = torch._C._distributed_c10d
-    # NCCL keeps its own recorder (CUDA events); gloo (torch >= 2.7) the generic one
+    # NCCL keeps its own recorder (CUDA events); gloo the generic one
     dumps = [getattr(c10d, name) for name in ("_dump_nccl_trace_json", "_dump_fr_trace_json") if hasattr(c10d, name)]
     if dist.is_initialized() and dist.get_backend() != "nccl":
         dumps.reverse()
