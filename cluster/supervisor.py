@@ -19,7 +19,8 @@ rank stuck in a hang as core/heartbeat.py named it; ranks that left no status: p
 and under SLURM the exclusion of the failing node (`cluster.exclude_failed_nodes`: requeue without it).
 
 Everything is appended to RUN_DIR/supervisor.jsonl (session, attempt, restart, gave_up events), which
-cluster/monitor/restarts.py turns into `gigatron status` lines. A session is one launch.sh run, or one
+cluster/monitor/restarts.py turns into `gigatron status` lines, and in short to events.jsonl (the
+monitor's start/restart/requeue/crash events). A session is one launch.sh run, or one
 SLURM job across its requeues. Exit status: 0 finished; 42 a rank checkpointed on request; 75 requeue
 the job without the nodes in RUN_DIR/exclude_nodes; 2 or 3 the trainer's own verdict (bad recipe or
 data, non-finite loss: restarting cannot help); 1 the budget is spent.
@@ -133,6 +134,17 @@ class Supervisor:
         record = {"session": self.args.session, "time": time.time(), **record}
         with open(self.events_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        # the monitor's short form (cluster/monitor/run_dir.py: events.jsonl, kind start|restart|requeue|crash)
+        kind = {"attempt": "start", "gave_up": "crash"}.get(record["event"])
+        if record["event"] == "end" and record.get("outcome") == "failed":
+            kind = "crash"
+        elif record["event"] == "restart":
+            kind = "restart" if record.get("action") == "restart" else "requeue"
+        if kind:
+            short = {"time": record["time"], "kind": kind, "attempt": record.get("attempt"),
+                     "detail": record.get("cause") or record.get("message") or ""}
+            with open(os.path.join(self.run_dir, "events.jsonl"), "a") as f:
+                f.write(json.dumps(short) + "\n")
         return record
 
     def host_of(self, rank: int) -> str:
