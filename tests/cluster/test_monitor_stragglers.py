@@ -42,3 +42,19 @@ def test_history_counts_per_rank_times_and_trainer_lists():
     records = [{"step_time_per_rank": [1.0, 1.0, 1.5, 1.0]}, {"step_time_per_rank": [1.0, 1.0, 1.4, 1.0]},
                {"stragglers": [1]}, {"loss": 1.0}]
     assert straggler_counts(records, 0.1) == {2: 2, 1: 1}
+
+
+def test_ranks_are_compared_within_their_pipeline_stage():
+    """The last stage (output layer and loss) is slower by design: compared with its own peers, it
+    is not a straggler; a slow rank inside a stage still is. Records without stages: one group."""
+    from gigatron.cluster.monitor.stragglers import find_stragglers_in_groups, per_rank_times
+
+    times = [1.0, 1.0, 1.0, 1.02, 1.5, 1.5, 1.52, 2.4]  # stage 0: ranks 0-3, stage 1: ranks 4-7
+    stages = [0, 0, 0, 0, 1, 1, 1, 1]
+    assert find_stragglers(times, 0.10) == [4, 5, 6, 7]  # all of stage 1 against the global median
+    assert find_stragglers_in_groups(times, stages, 0.10) == [7]
+    assert find_stragglers_in_groups(times, None, 0.10) == find_stragglers(times, 0.10)
+    record = {"compute_time_per_rank": times, "pipeline_stage_per_rank": stages, "step_time_per_rank": [1.0] * 8}
+    assert per_rank_times(record) == (times, stages)  # compute times win over step times
+    assert straggler_counts([record], 0.10) == {7: 1}
+    assert per_rank_times({"loss": 1.0}) is None
