@@ -152,3 +152,35 @@ def test_impl_selector_logged_once(caplog, monkeypatch):
         _select.select_impl("swiglu", "triton", torch.device("cuda"))
     with pytest.raises(ValueError):
         _select.select_impl("swiglu", "liger", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_cpu_path_is_the_unfused_formula_bitwise(dtype):
+    """llama.py calls the dispatchers; on CPU tensors they run exactly the model's former formulas
+    (bitwise, in fp32 and bf16), so every existing parity test sees the same numbers."""
+    from gigatron.core.models.llama import FeedForward, LlamaConfig, RMSNorm, apply_rope as model_rope
+
+    x, w = _rand(3, 5, 64, dtype=dtype), _rand(64, dtype=dtype, seed=1, scale=0.3, shift=1.0)
+    norm = RMSNorm(64, 1e-5).to(dtype)
+    norm.weight.data.copy_(w)
+    was = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x) * w
+    assert torch.equal(norm(x), was)
+    ff = FeedForward(LlamaConfig(dim=64, ffn_dim=96)).to(dtype)
+    assert torch.equal(ff(x), ff.w2(F.silu(ff.w1(x)) * ff.w3(x)))
+    q = _rand(2, 3, 9, 16, dtype=dtype)
+    cos, sin = _rope_tables(9, 16)
+    q1, q2 = q.chunk(2, dim=-1)
+    was = (q.float() * cos + torch.cat((-q2, q1), dim=-1).float() * sin).type_as(q)
+    assert torch.equal(model_rope(q, cos, sin), was)
+
+
+def test_tensor_subclasses_take_the_torch_path():
+    """DTensor (tensor parallel) and FakeTensor (torch.compile) inputs never reach a Triton kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 8)
+        assert _select.select_for("rms_norm", "auto", x) == "torch"
+        with pytest.raises(RuntimeError):
+            _select.select_for("rms_norm", "triton", x)
+    assert _select.select_for("rms_norm", "auto", torch.ones(2), torch.nn.Parameter(torch.ones(2))) == "torch"
