@@ -109,10 +109,12 @@ def compute_seconds(events) -> float:
     return max(0.0, (hi - lo) - _length(waiting)) / 1e6
 
 
-def _activities() -> list:
-    from torch.profiler import ProfilerActivity
-
-    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+def _profiler(**options):
+    """torch's kineto profiler (CPU events; CUDA kernels too on a GPU), through
+    torch.autograd.profiler.profile: torch.profiler.profile wraps the same profiler but its start
+    imports torch._inductor (a `hasattr(torch, "_inductor")` check), seconds the first time."""
+    cuda = "cuda" if torch.cuda.is_available() else None
+    return torch.autograd.profiler.profile(use_kineto=True, use_cpu=True, use_device=cuda, **options)
 
 
 class StepMonitor:
@@ -143,8 +145,6 @@ class StepMonitor:
     # -- around each step ---------------------------------------------------------------------------
     def begin(self, step: int) -> None:
         """Before step `step` (1-based: the step about to run)."""
-        from torch.profiler import profile
-
         if self.profile_pending:
             self.profile_pending = False
             self.window = (step, step + self.run.profile_steps - 1)
@@ -153,11 +153,11 @@ class StepMonitor:
                 log.info("profiling requested: steps %d-%d on every rank", *self.window)
             if torch.cuda.is_available():
                 torch.cuda.memory._record_memory_history(max_entries=100_000)
-            self._profiler = profile(activities=_activities(), record_shapes=True, profile_memory=True)
+            self._profiler = _profiler(record_shapes=True, profile_memory=True)
             self._profiler.__enter__()
         elif self.window is None and self.run.straggler_every and step % self.run.straggler_every == 0:
             self._timing = True
-            self._profiler = profile(activities=_activities())
+            self._profiler = _profiler()
             self._profiler.__enter__()
         if self._profiler is not None:
             self._marker = torch.autograd.profiler.record_function(STEP_MARKER)
@@ -173,7 +173,7 @@ class StepMonitor:
             self._timing = False
             profiler, self._profiler = self._profiler, None
             profiler.__exit__(None, None, None)
-            return self.gather(step, compute_seconds(profiler.events()))
+            return self.gather(step, compute_seconds(profiler.function_events))
         if self.window is not None and step >= self.window[1]:
             self._write_profile()
         return {}
