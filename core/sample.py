@@ -3,7 +3,7 @@
 Flow matching's ODE runs from noise (t = 0) to data (t = 1): x <- x + (t_{i+1} - t_i) v(x, t_i).
 Times follow Movie Gen's linear-quadratic schedule: the first `linear_steps` (25 of 50) are the
 first steps of a 1000-step linear schedule (t = i / 1000, small steps where the noise is large),
-the rest are quadratically spaced up to t = 1, with the step size continuous at the junction.
+the rest are quadratically spaced up to t = 1 (the quadratic's slope at the junction is 1/1000).
 Classifier-free guidance: v = v(empty prompt) + w (v(prompt) - v(empty prompt)); the empty prompt
 is one zero token, as text dropout makes it in training (core/objectives/flow_matching.py).
 

@@ -10,6 +10,7 @@ import math
 from gigatron.core.config_loader import ConfigError
 from gigatron.core.family import InitRule, ModelFamily, ParallelPlan, register_family
 from gigatron.core.models.moviegen import MovieGen, MovieGenConfig, count_parameters, parameter_breakdown
+from gigatron.data_pipeline.loader import register_format
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -158,3 +159,4 @@ MOVIEGEN = register_family(ModelFamily(
     data_format="webdataset",
     planner_shape=planner_shape,
 ))
+register_format("video_buckets", "gigatron.data_pipeline.buckets:build_bucket_loader")  # shape buckets (duration, aspect)

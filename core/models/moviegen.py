@@ -251,6 +251,16 @@ def parameter_breakdown(cfg: MovieGenConfig) -> dict[str, int]:
     """Parameters by part (built on the meta device): blocks' self-attention + FFN + norms, their
     cross-attention, adaLN (shared MLP, per-block tables, final layer's), embeddings (patch, positions,
     time, text projection) and the output head."""
+    key = repr(cfg)
+    if key not in _BREAKDOWNS:  # a 30B model takes seconds to build, even on meta
+        _BREAKDOWNS[key] = _breakdown(cfg)
+    return dict(_BREAKDOWNS[key])
+
+
+_BREAKDOWNS: dict[str, dict[str, int]] = {}
+
+
+def _breakdown(cfg: MovieGenConfig) -> dict[str, int]:
     with torch.device("meta"):
         model = MovieGen(cfg)
     parts = {"blocks (self-attention, FFN, norms)": 0, "cross-attention": 0, "adaLN": 0, "embeddings": 0, "output": 0}
