@@ -23,6 +23,9 @@ Vocabulary-parallel (tp > 1): pass the rank's logits shard (N, V_local) holding 
 engine's tp collective; this module never imports torch.distributed). Forward: three all-reduces of
 (N,) fp32 (max, rescaled sum of exp, target logit); backward: none (each rank's gradient is
 softmax - one_hot on its own columns). Ignored rows are excluded exactly as at tp = 1.
+
+Soft targets (`soft_cross_entropy_sum`, SWAG's normalised multi-hot labels): the same log-sum-exp
+combine over tp (`global_lse`), the target term a q-weighted sum of the logits instead of one gather.
 """
 
 from __future__ import annotations
@@ -56,6 +59,14 @@ class CrossEntropySum(torch.autograd.Function):
         return grad.to(logits.dtype), None, None
 
 
+def global_lse(m: torch.Tensor, s: torch.Tensor, all_reduce) -> torch.Tensor:
+    """log-sum-exp over the whole vocabulary from each shard's (max m, sum of exp(z - m) s), (N,) fp32:
+    two all-reduces over tp (max, then the rescaled sums). Shared by the hard- and soft-target losses."""
+    M = all_reduce(m.clone(), "max")
+    s = all_reduce(s * torch.exp(m - M), "sum")
+    return M + torch.log(s)
+
+
 class VocabParallelCrossEntropySum(torch.autograd.Function):
     """Summed CE of a vocabulary shard of the logits (module docstring); all_reduce over tp."""
 
@@ -69,10 +80,8 @@ class VocabParallelCrossEntropySum(torch.autograd.Function):
         for start in range(0, N, ROWS_PER_CHUNK):
             rows = slice(start, start + ROWS_PER_CHUNK)
             m[rows], s[rows], t[rows] = _stats_torch(logits[rows], local[rows])
-        M = all_reduce(m.clone(), "max")
-        s = all_reduce(s * torch.exp(m - M), "sum")
+        lse = global_lse(m, s, all_reduce)
         t = all_reduce(t, "sum")
-        lse = M + torch.log(s)
         ctx.save_for_backward(logits, local, valid, lse)
         return torch.where(valid, lse - t, 0.0).sum()
 
@@ -87,6 +96,48 @@ class VocabParallelCrossEntropySum(torch.autograd.Function):
         hit = torch.nonzero(local >= 0).squeeze(1)
         grad[hit, local[hit].long()] -= scale[hit]
         return grad.to(logits.dtype), None, None, None, None
+
+
+class SoftCrossEntropySum(torch.autograd.Function):
+    """Summed cross-entropy against soft targets q (N, V) (SWAG's normalised multi-hot hashtags):
+        loss    = sum_n [ (sum_v q_nv) * lse_n - sum_v q_nv z_nv ]
+        dz_nv   = g * (exp(z_nv - lse_n) * sum_v q_nv - q_nv)
+    A row with q = 0 adds nothing. Vocabulary-parallel with all_reduce: logits and targets are this
+    rank's columns; forward all-reduces over tp the row max and sum of exponentials (`global_lse`),
+    the target mass and the target-weighted logit, each (N,) fp32; backward has no collective."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, all_reduce):
+        N = logits.shape[0]
+        lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+        for start in range(0, N, ROWS_PER_CHUNK):
+            lse[start:start + ROWS_PER_CHUNK] = torch.logsumexp(logits[start:start + ROWS_PER_CHUNK].float(), dim=-1)
+        q = targets.float()
+        mass, t = q.sum(-1), (q * logits.float()).sum(-1)  # (N,)
+        if all_reduce is not None:
+            lse = global_lse(lse, torch.ones_like(lse), all_reduce)
+            mass, t = all_reduce(mass, "sum"), all_reduce(t, "sum")
+        ctx.save_for_backward(logits, q, mass, lse)
+        return (mass * lse - t).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, q, mass, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits, dtype=torch.float32)
+        for start in range(0, logits.shape[0], ROWS_PER_CHUNK):
+            rows = slice(start, start + ROWS_PER_CHUNK)
+            torch.exp(logits[rows].float() - lse[rows, None], out=grad[rows]).mul_(mass[rows, None])
+        grad.sub_(q).mul_(grad_loss.float())
+        return grad.to(logits.dtype), None, None
+
+
+def soft_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, *, all_reduce=None) -> torch.Tensor:
+    """Summed soft-target cross-entropy of logits (N, V) against targets (N, V) >= 0 (rows summing to 1
+    for a normalised multi-hot target; a zero row adds nothing). With all_reduce, both are the rank's
+    (N, V_local) columns and the result is the full-vocabulary sum on every rank."""
+    if targets.shape != logits.shape:
+        raise ValueError(f"soft targets {tuple(targets.shape)} do not match the logits {tuple(logits.shape)}")
+    return SoftCrossEntropySum.apply(logits, targets, all_reduce)
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,

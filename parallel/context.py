@@ -68,6 +68,8 @@ def cp_shard_batch(batch: dict, mesh: DeviceMesh, keys: tuple[str, ...], causal:
     T/cp positions (`cp_positions`), the other fields stay whole, and "positions" (T/cp,) gives the
     global positions of the local tokens (the plain arange (T,) at cp 1). Document ids keep their
     (per-row) values, so kv segment ids gathered from other ranks compare correctly with local ones."""
+    if not keys:  # no sequence fields (a ViT: images and per-sample targets): nothing to split
+        return batch
     cp, rank = mesh[CP_DIM].size(), mesh[CP_DIM].get_local_rank()
     some = batch[keys[0]]
     T = some.shape[1]

@@ -24,7 +24,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from gigatron.core.family import blocks_of, module_at
-from gigatron.kernels.cross_entropy import cross_entropy_sum
+from gigatron.kernels.cross_entropy import cross_entropy_sum, soft_cross_entropy_sum
 from gigatron.parallel.comm import all_reduce
 
 IGNORE_INDEX = -100  # a label that carries no loss (torch's convention)
@@ -115,3 +115,21 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mes
 
     return cross_entropy_sum(logits.to_local().flatten(0, 1), labels.flatten(), IGNORE_INDEX,
                              vocab_offset=offset[-1], all_reduce=tp_all_reduce)
+
+
+def tp_all_reduce_fn(mesh: DeviceMesh):
+    """(tensor, "max" | "sum") -> tensor all-reduced over mesh["tp"]: the kernels' collective."""
+    ops = {"max": torch.distributed.ReduceOp.MAX, "sum": torch.distributed.ReduceOp.SUM}
+    return lambda tensor, op: all_reduce(tensor, mesh, "tp", ops[op])
+
+
+def vocab_parallel_soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """Summed soft-target cross-entropy (kernels/cross_entropy.py SoftCrossEntropySum) of logits (N, V),
+    a DTensor sharded on V over mesh["tp"] or a plain tensor, against full targets (N, V): each rank
+    keeps its own columns of the targets, so no rank gathers the logits. Plain fp32 scalar, the same
+    on every tp rank."""
+    if not isinstance(logits, DTensor):
+        return soft_cross_entropy_sum(logits, targets)
+    shape, offset = compute_local_shape_and_global_offset(logits.shape, logits.device_mesh, logits.placements)
+    local_targets = targets[..., offset[-1]:offset[-1] + shape[-1]]
+    return soft_cross_entropy_sum(logits.to_local(), local_targets, all_reduce=tp_all_reduce_fn(mesh))
