@@ -3,9 +3,10 @@ Face transformers' LlamaForCausalLM (SDPA), the same architecture in the same ru
 
 GPU (the issue's benchmark): Llama 3 8B width (dim 4096, 32 heads, 8 KV heads, SwiGLU 14336, vocabulary
 128,256), 8 layers, one sequence of 8,192 tokens per step, on one GPU. Printed and written to JSON:
-- tokens/s and MFU (rows "ours" = bf16 eager, "ours_compile" = blocks compiled, "ours_fp8", "hf_sdpa") (model FLOPs of core/families/llama3.flops_per_sample over the device's dense bf16
-  peak, core/metrics.PEAK_FLOPS; FP8 runs are quoted against the same bf16 peak, as torchtitan does) of
-  every variant, and ratios: FP8 / bf16, ours bf16 / transformers;
+- tokens/s and MFU of every variant (rows "ours" = bf16 eager, "ours_compile" = blocks compiled,
+  "ours_fp8", "hf_sdpa"; MFU = model FLOPs of core/families/llama3.flops_per_sample over the device's dense bf16
+  peak, core/metrics.PEAK_FLOPS; FP8 runs are quoted against the same bf16 peak, as torchtitan does),
+  and ratios: FP8 / bf16, ours bf16 / transformers;
 - the transformer layers alone (the blocks' forward + backward on fixed hidden states, every block
   linear in FP8), FP8 / bf16: the part FP8 accelerates, without the bf16 embedding / output / loss.
 FP8 comes from parallel/fp8.py with fp8.backend=auto: Transformer Engine where installed, else torchao,

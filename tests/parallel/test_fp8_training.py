@@ -62,7 +62,8 @@ def _cfg(overrides, world_size=1):
 @pytest.mark.parametrize("overrides,key,fix", [
     (["fp8.backend=te"], "fp8.backend", "pip install 'transformer-engine[pytorch]'"),
     (["fp8.backend=torchao"], "fp8.backend", "pip install torchao"),
-    (["fp8.recipe=rowwise", "fp8.fsdp_float8_all_gather=true"], "fp8.fsdp_float8_all_gather", "tensorwise scaling only"),
+    (["fp8.recipe=rowwise", "fp8.fsdp_float8_all_gather=true"], "fp8.fsdp_float8_all_gather",
+     "tensorwise scaling only"),
     (["fp8.recipe=tensorwise", "fp8.fsdp_float8_all_gather=true"], "fp8.fsdp_float8_all_gather", "fp8.backend=torchao"),
     (["fp8.keep_bf16=[layers.*]"], "fp8.keep_bf16", "FP8 would be off"),
     ([], "fp8.keep_bf16", "keeps all 14"),  # 2 layers: the default keeps the first and the last
@@ -82,7 +83,8 @@ def test_recipe_rules_name_the_key_and_the_fix(overrides, key, fix):
 def test_recipe_defaults_and_targets():
     cfg = _cfg(["fp8.enabled=true", "model.n_layers=4"])
     f = cfg.fp8
-    assert (f.backend, f.recipe, f.keep_bf16, f.fsdp_float8_all_gather) == ("auto", "tensorwise", ["{first}", "{last}"], False)
+    assert (f.backend, f.recipe, f.keep_bf16, f.fsdp_float8_all_gather) == \
+        ("auto", "tensorwise", ["{first}", "{last}"], False)
     assert pfp8.resolve_backend(f, tp=1) == "emulated"  # no FP8 GPU here
     family = get_family("llama3")
     with torch.device("meta"):
@@ -131,7 +133,7 @@ def test_fp8_50_steps_track_fp32_and_unscaled_e4m3_does_not():
     bad, bad_norms, _, _, _ = _train(FP8, unscaled=True)
     rel = lambda a, b: max(abs(x - y) / y for x, y in zip(a, b))  # noqa: E731
     err, bad_err = rel(got, ref), rel(bad, ref)
-    norm_err, bad_norm_err = abs(norms[0] - ref_norms[0]) / ref_norms[0], abs(bad_norms[0] - ref_norms[0]) / ref_norms[0]
+    norm_err, bad_norm_err = (abs(n[0] - ref_norms[0]) / ref_norms[0] for n in (norms, bad_norms))
     print(f"  fp32 loss {ref[0]:.3f} -> {ref[-1]:.3f}; fp8 max rel {err:.2e}, step-0 grad norm {norm_err:.2e}; "
           f"unscaled {bad_err:.2e}, {bad_norm_err:.2e} (tol {LOSS_RTOL}, {NORM_RTOL})")
     assert ref[-1] < ref[0] - 2.0  # the reference learns
@@ -156,10 +158,48 @@ LAYOUTS = {"dp2": (["model.n_layers=4", "parallel.dp=2"] + FP8, 3),
 COMMON = ["train.grad_clip=0"]  # clipping would carry the last bit of the dp-reduced gradient norm
 
 
+def _tp_linears_with_bias(rank, world_size):
+    """Colwise then Rowwise FP8 linears with biases, and a replicated one, under the DTensor styles of a
+    2-rank tp mesh, against the same Fp8Linears in one process: outputs and gradients (x, W, b)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from gigatron.parallel.tensor import ReplicateParallel
+
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(  # noqa: E731
+        torch.nn.Linear(16, 32), torch.nn.Linear(32, 16), torch.nn.Linear(16, 8))
+    ref, net = make(), make()
+    net.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 5, 16)
+    recipe = kfp8.Fp8Recipe("current")
+    kfp8.convert_linears(ref, lambda n: True, recipe)
+    y_ref = ref(x)
+    y_ref.square().sum().backward()
+    mesh = init_device_mesh("cpu", (1, 1, 1, 1, world_size),
+                            mesh_dim_names=("dp_replicate", "dp_shard", "pp", "cp", "tp"))
+    parallelize_module(net, mesh["tp"], {"0": ColwiseParallel(), "1": RowwiseParallel(), "2": ReplicateParallel()})
+    pfp8._convert_emulated(net, ["0", "1", "2"], recipe, mesh)
+    xg = x.clone().requires_grad_()
+    y = net(xg)
+    y.square().sum().backward()
+    full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
+    errs = {"y": (y - y_ref).abs().max().item()}
+    for i in range(3):
+        for p in ("weight", "bias"):
+            got, want = full(getattr(net[i], p).grad), getattr(ref[i], p).grad
+            errs[f"{i}.{p}"] = ((got - want).abs().max() / want.abs().max()).item()
+        errs[f"{i}.scale"] = ((net[i].fp8_scale - ref[i].fp8_scale).abs() / ref[i].fp8_scale).max().item()
+    return errs
+
+
 def _runs(rank, world_size, runs, data_dir):
     from tests.parallel.harness import build_trainer, full_params
 
     out = {}
+    if world_size == 2:
+        out["bias"] = _tp_linears_with_bias(rank, world_size)  # its process group serves the trainer too
     for name, (overrides, steps) in runs.items():
         trainer = build_trainer(world_size, COMMON + overrides, data_dir)
         modules = {n: m for n, m in trainer.model.named_modules() if isinstance(m, kfp8.Fp8Linear)}
@@ -236,3 +276,17 @@ def test_gpu_benchmark_cpu_path_runs_and_writes_json(tmp_path):
     assert json.loads(out.read_text())["ratios"] == result["ratios"]
     assert set(result["variants"]) == {"ours", "ours_fp8"} and result["fp8_backend"] == "emulated"
     assert all(0 < v < float("inf") for v in result["ratios"].values())
+
+
+def test_tp2_fp8_linears_with_bias_match_one_process(layouts):
+    """Colwise (bias sharded), Rowwise (Partial output, the bias added once) and replicated FP8 linears
+    under tp2 equal one process: bit-equal scales for the first two (amaxes reduced over tp; their
+    inputs are bitwise the one process's), the third's to 1e-6 (its input is the all-reduced Rowwise
+    output, summed in another order: fp32 ulps), outputs to fp32 rounding (1e-5 absolute, O(1)
+    values), gradients to 1e-5 relative to their largest entry (measured <= 2e-7)."""
+    _, ranks = layouts
+    for errs in (r["bias"] for r in ranks):
+        print("  ", {k: f"{v:.1e}" for k, v in errs.items()})
+        assert errs["y"] <= 1e-5
+        assert errs["0.scale"] == errs["1.scale"] == 0.0 and errs["2.scale"] <= 1e-6, errs
+        assert all(v <= 1e-5 for k, v in errs.items() if k[-4:] in ("ight", "bias")), errs
