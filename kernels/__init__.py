@@ -5,8 +5,11 @@
 - cross_entropy.py: summed CE from logits (tp = 1, or a vocabulary shard with an all_reduce callback);
 - chunked_cross_entropy.py: CE from hidden states and the output weight, chunked (no (N, V) logits),
   vocabulary-parallel through an all_reduce callback;
-- rmsnorm.py, swiglu.py, rope.py: fused elementwise / row ops (kernels in fused_triton_kernels.py);
-- fp8.py: FP8 scaling recipes, quantize-dequantize emulation, Fp8Linear, convert_linears;
+- rmsnorm.py, swiglu.py, rope.py: fused elementwise / row ops (kernels in fused_triton_kernels.py), called
+  by core/models/llama.py: Triton on CUDA, on CPU (and for DTensor / compile inputs) the PyTorch formula
+  the model always had, bitwise;
+- fp8.py: FP8 scaling recipes, quantize-dequantize emulation, Fp8Linear, convert_linears (the engine's
+  use of them: parallel/fp8.py);
 - _select.py: impl="auto" | "triton" | "torch" selection, logged once (logger "gigatron.kernels").
 No module here imports torch.distributed: collectives come in as callbacks from the engine.
 
