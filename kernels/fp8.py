@@ -189,7 +189,7 @@ class Fp8Linear(nn.Linear):
         self.register_buffer("fp8_scale", torch.ones(len(KINDS), device=dev))
         self.register_buffer("fp8_pending_amax", torch.zeros(len(KINDS), device=dev), persistent=False)
         self.fp8_per_call_update = True
-        self._history_filled = False
+        self._history_filled = [False] * len(KINDS)  # per kind: a delayed scale exists (cached check)
         self.quantize_calls: Counter = Counter()
 
     @classmethod
@@ -211,7 +211,7 @@ class Fp8Linear(nn.Linear):
         self.fp8_amax_history.zero_()
         self.fp8_scale.fill_(1.0)
         self.fp8_pending_amax.zero_()
-        self._history_filled = False
+        self._history_filled = [False] * len(KINDS)
 
     def forward(self, x):
         return _Fp8LinearFunction.apply(x, self.weight, self.bias, self)
@@ -236,9 +236,9 @@ class Fp8Linear(nn.Linear):
             return quantize(t, scale, dtype), scale
         if self.fp8_per_call_update and reduce is not None:
             amax = reduce(amax, kind)  # the whole tensor's amax goes into the history at once
-        if not self._history_filled:
-            self._history_filled = bool((self.fp8_amax_history != 0).any())  # set by a loaded checkpoint too
-        if not self._history_filled:  # nothing delayed yet (first step): use the current, whole-tensor amax
+        if not self._history_filled[i]:  # a loaded checkpoint fills the history too
+            self._history_filled[i] = bool((self.fp8_amax_history[i] != 0).any())
+        if not self._history_filled[i]:  # nothing delayed yet (first step): use the current, whole-tensor amax
             current = reduce(amax.clone(), kind) if reduce is not None and not self.fp8_per_call_update else amax
             self.fp8_scale[i] = compute_scale(current, fp8_max, rec.margin, self.fp8_scale[i])[0]
         scale = self.fp8_scale[i].clone().reshape(1)  # the delayed scale, from steps before this one
@@ -264,7 +264,6 @@ class Fp8Linear(nn.Linear):
         new = compute_scale(ref, fp8_max, self.fp8_recipe.margin, self.fp8_scale)
         self.fp8_scale.copy_(torch.where(rows, new, self.fp8_scale))
         self.fp8_pending_amax.masked_fill_(rows, 0.0)
-        self._history_filled = self._history_filled or bool(rows.any())
 
     @torch.no_grad()
     def fp8_update_scales(self, amax: Optional[torch.Tensor] = None) -> None:

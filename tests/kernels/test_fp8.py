@@ -219,3 +219,26 @@ def test_recipe_validation():
         Fp8Recipe(amax_history_len=0)
     with pytest.raises(ValueError):
         Fp8Recipe(fwd_dtype=torch.bfloat16)
+
+
+def test_delayed_scaling_per_step_update():
+    """fp8_per_call_update False (the engine's mode): every call of a step uses the same delayed scale
+    (the first step: each call's current amax), the step's max amax is pushed by fp8_update_scales,
+    and the new scale is fp8_max / max(history) * 2^-margin per kind (e5m2's max for gradients);
+    a non-finite amax (a skipped step) is recorded as 0, i.e. ignored."""
+    lin = Fp8Linear(4, 4, bias=False, recipe=Fp8Recipe("delayed", margin=1, amax_history_len=3))
+    lin.fp8_per_call_update = False
+    f = 448.0 / 2
+    used = [lin._quantize("input", torch.full((1, 4), a), E4M3)[1].item() for a in (2.0, 8.0)]
+    assert used == [f / 2.0, f / 8.0]  # step 0: no history yet, each call its own amax
+    lin.fp8_update_scales()
+    assert lin.fp8_amax_history[0].tolist() == [8.0, 0.0, 0.0] and lin.fp8_scale[0].item() == f / 8.0
+    used = [lin._quantize("input", torch.full((1, 4), a), E4M3)[1].item() for a in (1.0, 16.0)]
+    assert used == [f / 8.0, f / 8.0]  # step 1: both calls use step 0's scale
+    lin._quantize("grad_output", torch.full((1, 4), 4.0), E5M2)
+    lin.fp8_update_scales(torch.tensor([16.0, float("nan"), 4.0]))  # amaxes as reduced by the engine
+    assert lin.fp8_amax_history[:, 0].tolist() == [16.0, 0.0, 4.0]
+    assert lin.fp8_scale.tolist() == [f / 16.0, lin.fp8_scale[1].item(), 57344.0 / 2 / 4.0]
+    assert lin.fp8_pending_amax.tolist() == [0.0, 0.0, 0.0]
+    w = torch.full((4, 4), 0.5)  # a kind with an empty history still starts from its current amax
+    assert lin._quantize("weight", w, E4M3)[1].item() == f / 0.5
