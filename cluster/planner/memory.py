@@ -18,8 +18,9 @@ torch's MemTracker in tests/cluster/test_planner_activations.py, under the real 
                  log-sum-exp; K/V of the whole sequence under all-gather context parallelism)
                  + a f (2 ffn_matrices - 2)          (SwiGLU: w1 x, silu, w3 x, their product)
     "selective": matmul and attention outputs only (parallel/checkpointing.py): the block input,
-                 a (q + 2 kv + q + (ffn_matrices - 1) f) + 2 a d (the row-parallel matmuls' whole
-                 (T, d) outputs) + 2 a d / s under SP (their reduce-scattered results, also saved)
+                 a (q + 2 kv + q + (ffn_matrices - 1) f), and the two row-parallel projections (wo,
+                 w2): under tp > 1 kept units, each holding its input and its reduced output,
+                 a (q + f) + 2 a d / s; at tp 1 their (T, d) matmul outputs, 2 a d
     "full":      the block input, a d / s; backward recomputes one block at a time, whose "none"
                  activations are added once as a transient.
 The output stage also holds the logits, (a + u) V / tp per token (bf16 saved, fp32 inside the loss).
@@ -131,9 +132,9 @@ def activation_bytes_per_token(shape: ModelShape, layout: Layout, mode: str | No
     if mode == "full":
         return a * d / s
     if mode == "selective":
-        # the row-parallel matmuls' outputs (wo, w2) are saved whole, (T, d) partial sums before their
-        # reduce; under SP the policy also saves the reduce-scattered (T/s, d) results
-        row_parallel = 2 * a * d + (2 * a * d / s if s > 1 else 0.0)
+        # wo and w2: under tp > 1 kept units (their inputs, the attention output as (T, q) and the
+        # SwiGLU product, and their reduced outputs); at tp 1 their matmul outputs, cached as any other
+        row_parallel = a * (q + f) + 2 * a * d / s if tp > 1 else 2 * a * d
         return a * d / s + a * (q + 2 * kv + q + (shape.ffn_matrices - 1) * f) + row_parallel + 4 * heads
     norms = 2 * ((2 * u + a) * d / s + a * d)
     attention = a * (2 * q + 2 * kv * cp) + 4 * heads

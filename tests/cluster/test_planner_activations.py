@@ -18,6 +18,22 @@ from gigatron.cluster.planner.model_shape import ModelShape
 TOLERANCE = 0.15
 
 
+def run_block_as_the_engine_does(block, mode: str, tp: int, sp: bool, shape: ModelShape, *inputs):
+    """One block's forward under the engine's own activation checkpointing (parallel/checkpointing.py
+    apply_ac with the Llama plan: under tp > 1 selective keeps the row-parallel projections as units)."""
+    from types import SimpleNamespace
+
+    from gigatron.core.family import get_family
+    from gigatron.parallel.checkpointing import apply_ac
+
+    holder = torch.nn.Module()
+    holder.layers = torch.nn.ModuleDict({"0": block})
+    cfg = SimpleNamespace(model=SimpleNamespace(n_kv_heads=shape.n_kv_heads, head_dim=shape.head_size),
+                          parallel=SimpleNamespace(activation_checkpoint=mode, tp=tp, sequence_parallel=sp))
+    apply_ac(holder, None, cfg, get_family("llama3").plan)
+    return block(*inputs)
+
+
 def measured_block_activation_bytes(shape: ModelShape, tp: int, tokens: int, mode: str) -> float:
     """Bytes MemTracker attributes to activations after one block's forward, minus the block's
     output (alive only until the next block consumes it). The block's projections are replaced by
@@ -26,12 +42,8 @@ def measured_block_activation_bytes(shape: ModelShape, tp: int, tokens: int, mod
     the projection outputs (core/models/llama.py)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.utils.checkpoint import checkpoint
 
     from gigatron.core.models.llama import LlamaConfig, TransformerBlock, rope_inv_freq
-    from torch.utils.checkpoint import noop_context_fn
-
-    from gigatron.parallel import checkpointing
 
     cfg = LlamaConfig(dim=shape.dim, n_layers=1, n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads,
                       ffn_dim=shape.ffn_dim, vocab_size=256, attention_backend="sdpa", document_mask=False)
@@ -61,11 +73,7 @@ def measured_block_activation_bytes(shape: ModelShape, tp: int, tokens: int, mod
         tracker = MemTracker()
         tracker.track_external(block)
         with tracker:
-            if mode == "none":
-                y = block(x, cos, sin, positions, None)
-            else:
-                context = checkpointing._selective_context if mode == "selective" else noop_context_fn
-                y = checkpoint(block, x, cos, sin, positions, None, use_reentrant=False, context_fn=context)
+            y = run_block_as_the_engine_does(block, mode, tp, False, shape, x, cos, sin, positions, None)
             snapshot = tracker.get_tracker_snapshot("current")
         activations = sum(v for dev in snapshot.values() for k, v in dev.items() if "ACT" in str(k))
         return activations - y.numel() * y.element_size()
@@ -118,10 +126,8 @@ def test_activation_bytes_match_memtracker_under_the_real_tp_plan(fake_tp_mesh, 
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.distributed.tensor.parallel import parallelize_module
-    from torch.utils.checkpoint import checkpoint, noop_context_fn
 
     from gigatron.core.models.llama import LlamaConfig, TransformerBlock, rope_inv_freq
-    from gigatron.parallel import checkpointing
     from gigatron.parallel.plans.llama3 import block_plan
 
     label, shape, tp = CASES[1]
@@ -145,11 +151,7 @@ def test_activation_bytes_match_memtracker_under_the_real_tp_plan(fake_tp_mesh, 
         tracker = MemTracker()
         tracker.track_external(block)
         with tracker:
-            if mode == "none":
-                y = block(x, cos, sin, positions, None)
-            else:
-                context = checkpointing._selective_context if mode == "selective" else noop_context_fn
-                y = checkpoint(block, x, cos, sin, positions, None, use_reentrant=False, context_fn=context)
+            y = run_block_as_the_engine_does(block, mode, tp, sp, shape, x, cos, sin, positions, None)
             snapshot = tracker.get_tracker_snapshot("current")
         activations = sum(v for dev in snapshot.values() for k, v in dev.items() if "ACT" in str(k))
         measured = activations - y.numel() * y.element_size()  # the output lives until the next block
