@@ -75,17 +75,22 @@ class AutoInterval:
     def __init__(self, mtbf_hours: float):
         self.mtbf_s = mtbf_hours * 3600
         self.save_s: float | None = None
+        self.step_s: float | None = None  # the step time the interval was derived from
         self.step_times: list[float] = []
         self.interval = 1  # save after the first step: it measures the save time
 
     def observe_step(self, seconds: float) -> None:
         self.step_times = (self.step_times + [seconds])[-50:]
 
-    def observe_save(self, seconds: float) -> tuple[int, float, float]:
-        """Record a save's blocking time; returns (interval in steps, interval in s, step time in s)."""
-        self.save_s = seconds if self.save_s is None else max(seconds, 0.5 * self.save_s + 0.5 * seconds)
+    def median_step(self) -> float:
         times = sorted(self.step_times) or [1.0]
-        step_s = times[len(times) // 2]
+        return times[len(times) // 2]
+
+    def observe_save(self, seconds: float, step_s: float) -> tuple[int, float]:
+        """Record a save's blocking time and the step time (median of the last 50 steps; both the
+        slowest rank's); returns (interval in steps, interval in s)."""
+        self.save_s = seconds if self.save_s is None else max(seconds, 0.5 * self.save_s + 0.5 * seconds)
+        self.step_s = step_s
         tau = young_daly_interval(self.save_s, self.mtbf_s)
         self.interval = max(1, round(tau / step_s))
-        return self.interval, tau, step_s
+        return self.interval, tau
