@@ -114,6 +114,7 @@ def _legacy_name(name: str) -> str:
     """transformers 5's ViT names (vit.layers.<i>.attention.q_proj, ...) -> the Hub's 4.x names
     (vit.encoder.layer.<i>.attention.attention.query, ...); 4.x names pass unchanged."""
     name = re.sub(r"^(vit\.)?layers\.", r"\1encoder.layer.", name)
+    name = name.replace("decoder.decoder_encoder.layer.", "decoder.decoder_layers.")  # what 5.24's save_pretrained writes
     for new, old in _V5:
         name = name.replace(new, old)
     return name
