@@ -23,8 +23,7 @@ TOL = 1e-5
 TWO = {"tp2_sp": L48 + ["parallel.tp=2", "parallel.sequence_parallel=true"],
        "cp2_ring": L48 + ["parallel.cp=2", "parallel.cp_mode=ring"],
        "cp2_allgather": L48 + ["parallel.cp=2", "parallel.cp_mode=allgather"],
-       "cp2_padded": L27 + ["parallel.cp=2", "parallel.cp_mode=ring"],
-       "cp2_padded_allgather": L27 + ["parallel.cp=2", "parallel.cp_mode=allgather"]}
+       "cp2_padded": L27 + ["parallel.cp=2", "parallel.cp_mode=ring"]}
 EIGHT = {"cp4_ring_dp2": L48 + ["parallel.cp=4", "parallel.dp=2", "parallel.cp_mode=ring"],
          "tp2_cp2_dp2": L48 + ["parallel.tp=2", "parallel.cp=2", "parallel.dp=2", "parallel.sequence_parallel=true"]}
 
