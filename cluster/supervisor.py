@@ -230,7 +230,7 @@ class Supervisor:
         if len(recent) >= self.c.max_restarts_per_hour:
             message = (f"giving up: {len(recent)} restarts in the last hour (cluster.max_restarts_per_hour="
                        f"{self.c.max_restarts_per_hour}), the job is crash-looping; last failure: {cause['cause']}. "
-                       f"{relaunch[0].upper() + relaunch[1:]} once fixed")
+                       f"Fix the cause (logs under {self.run_dir}/logs), {relaunch}")
             self.event(event="gave_up", attempt=attempt, reason="rate", message=message)
             say(message, self.log_file)
             return GAVE_UP_EXIT
