@@ -1,8 +1,9 @@
 """Masked autoencoding (MAE, He et al. 2022; OmniMAE for images and videos in one backbone).
 
 `prepare` draws each sample's mask from the layout-invariant generator (core/rng.py) keyed by
-batch["sample_index"]: noise[g, n] = uniform(key, g * N + n), so every TP rank, every pipeline stage
-and a resumed run mask the same patches of sample g. As MAE (and HF ViTMAE, which takes this `noise`
+batch["sample_index"] (or, from the shard readers, the sample's "sample_ids" with a key per epoch):
+noise[g, n] = uniform(key, g * N + n), so every TP rank, every pipeline stage and a resumed run mask
+the same patches of sample g. As MAE (and HF ViTMAE, which takes this `noise`
 as an argument) does, the patches are ranked by noise and the first round(N * (1 - ratio)) kept:
 "ids_keep" (B, n_keep) the visible patches, "ids_restore" (B, N) the inverse permutation, "mask"
 (B, N) 1 where masked. Images use model.mask_ratio (MAE / MAWS 0.75), videos video_mask_ratio
@@ -22,10 +23,26 @@ from gigatron.core.models.patch_embed import grid_of, patchify
 from gigatron.core.objectives.classification import pixels
 
 
-def mae_noise(sample_index: torch.Tensor, n_patches: int, seed: int) -> torch.Tensor:
-    """(B, N) uniform noise of each sample's patches: a pure function of (seed, sample, patch)."""
+def mae_noise(sample_index: torch.Tensor, n_patches: int, seed: int, epochs: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N) uniform noise of each sample's patches: a pure function of (seed, epoch, sample, patch).
+    `epochs` (B,), when given, draws a new mask for each pass over the data (MAE re-masks every epoch)."""
     counters = sample_index.long()[:, None] * n_patches + torch.arange(n_patches)[None, :]
-    return rng.uniform(rng.stream_key("mae_mask", seed), counters)
+    if epochs is None:
+        return rng.uniform(rng.stream_key("mae_mask", seed), counters)
+    noise = torch.empty(counters.shape)
+    for epoch in epochs.unique().tolist():
+        rows = epochs == epoch
+        noise[rows] = rng.uniform(rng.stream_key("mae_mask", seed, epoch), counters[rows])
+    return noise
+
+
+def sample_identity(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(per-sample index, epochs or None): the global "sample_index" when the reader gives one (token
+    stream, test readers), else the shard readers' provenance "sample_ids" (shard << 32 | index in
+    shard) with their "epochs" (data_pipeline/loader.py): the same on every rank and layout."""
+    if "sample_index" in batch:
+        return batch["sample_index"], None
+    return batch["sample_ids"], batch["epochs"]
 
 
 def mask_from_noise(noise: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,7 +76,8 @@ class MAEObjective:
         gt, gh, gw = grid_of(x.shape if x.dim() == 5 else (*x.shape[:2], self.m.patch_frames, *x.shape[2:]),
                              self.m.patch_size)
         ratio = self.m.video_mask_ratio if x.dim() == 5 else self.m.mask_ratio
-        batch["noise"] = mae_noise(batch["sample_index"], gt * gh * gw, self.seed)
+        index, epochs = sample_identity(batch)
+        batch["noise"] = mae_noise(index, gt * gh * gw, self.seed, epochs)
         batch["ids_keep"], batch["ids_restore"], batch["mask"] = mask_from_noise(batch["noise"], ratio)
         return batch
 

@@ -125,10 +125,7 @@ def vit_many(rank: int, world_size: int, runs: list[list[str]], run_dir: str, so
     """Several runs in one launch; run_dir holds digits.npz (write_digits)."""
     data = os.path.join(run_dir, "digits.npz")
     out = {"runs": [vit_run(rank, world_size, overrides + [f"data.path={data}"], run_dir) for overrides in runs]}
-    if soft_check:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    if soft_check:  # on the same process group, a (tp 2, dp world/2) mesh
         out["soft"] = soft_target_check(rank, world_size, data)
     return out
 
@@ -138,3 +135,64 @@ def relative_errors(ref: dict, got: dict) -> tuple[float, float]:
     loss = max(abs(a - b) / abs(a) for a, b in zip(ref["losses"], got["losses"]))
     norm = max(abs(a - b) / abs(a) for a, b in zip(ref["grad_norms"], got["grad_norms"]))
     return loss, norm
+
+
+MAWS = os.path.join(ROOT, "recipes/vit_debug_maws.yaml")
+SWAG = os.path.join(ROOT, "recipes/vit_debug_swag.yaml")
+QUICK = ["parallel.dp=1", "data.num_workers=0", "run.tensorboard=false", "run.progress=false", "train.eval_every=0",
+         "train.warmup_steps=2", "model.dim=32", "model.mlp_dim=64", "model.depth=2", "data.shuffle_buffer=50"]
+
+
+def real_data_run(rank: int, world_size: int, root: str, shards: str) -> dict:
+    """Short versions of the benchmarks' paths (benchmarks/bench_vit_digits.py, bench_vit_maws.py) on
+    digit shards written by prepare-images: SWAG-style training with both stems through the webdataset
+    reader, and the two-stage MAWS recipe through run_stages, then the second stage's start weights."""
+    from gigatron.core import checkpoint
+    from gigatron.core.checkpoint.reader import CheckpointReader
+    from gigatron.core.config import load_config
+    from gigatron.core.train import Trainer, run_stages
+    from gigatron.parallel.mesh import init_distributed
+
+    out = {}
+    data = [f"data.path={shards}", "data.eval_fraction=0.25"]
+    for stem in ("patchify", "conv"):
+        cfg = load_config(SWAG, QUICK + data + [f"model.stem={stem}", "model.depth=3" if stem == "conv" else "model.depth=2",
+                                                "train.steps=12", "train.global_batch_size=32", "train.micro_batch_size=32"])
+        cfg.run.dir = os.path.join(root, f"swag_{stem}")
+        trainer = Trainer(cfg, init_distributed(cfg.parallel))
+        out[stem] = [trainer.train_step()["loss"] for _ in range(cfg.train.steps)]
+        del trainer
+    # MAWS: a copy of the recipe with short stages and this test's shards
+    with open(MAWS) as f:
+        text = f.read().replace("until_step: 400", "until_step: 6")
+    text = text.replace("runs/data/digits32_10pc/train-000000.tar", shards).replace(
+        "runs/data/digits32/train-{000016..000017}.tar", shards)
+    recipe = os.path.join(root, "maws.yaml")
+    with open(recipe, "w") as f:
+        f.write(text)
+    cfg = load_config(recipe, QUICK + data + ["train.steps=8", "train.global_batch_size=16", "train.micro_batch_size=16",
+                                              "model.decoder_dim=16", "model.decoder_depth=1", "model.decoder_mlp_dim=32"])
+    cfg.run.dir = os.path.join(root, "maws")
+    dims = init_distributed(cfg.parallel)
+    assert run_stages(cfg, dims) == 0
+    with open(os.path.join(cfg.run.dir, "metrics.jsonl")) as f:
+        import json
+
+        rows = [json.loads(line) for line in f]
+    out["stages"] = [r.get("stage") for r in rows]
+    out["mae_losses"] = [r["loss"] for r in rows if r.get("stage") == "mae"]
+    # stage two, built again from its config, starting from stage one's last checkpoint
+    first = checkpoint.latest(os.path.join(cfg.run.dir, "checkpoints", "mae"))
+    second = Trainer(cfg.resolved_stages[1], dims, "supervised_check", init_from=first, fresh_optimizer=True)
+    fresh = {k: v.detach().clone() for k, v in second.model.state_dict().items()}
+    second.maybe_resume()
+    reader = CheckpointReader(first)
+    saved = {k[len("model."):] for k in reader.keys("model.")}
+    state = second.model.state_dict()
+    out["encoder_equal"] = all(torch.equal(state[k], reader.read("model." + k)) for k in state if k in saved)
+    out["encoder_moved"] = any(not torch.equal(fresh[k], state[k]) for k in state if k in saved)
+    out["carried"] = sorted(k for k in state if k in saved)
+    out["fresh"] = sorted(k for k in state if k not in saved)
+    out["left_behind"] = sorted(k for k in saved if k not in state)
+    out["head_is_init"] = all(torch.equal(fresh[k], state[k]) for k in out["fresh"])
+    return out
