@@ -3,8 +3,14 @@ processes joined by a gloo process group (as torchrun would), and return each ra
 
 `fn` must be a module-level function (it is pickled by name into the children). Results travel
 back through a multiprocessing queue; an exception on any rank fails the test with that rank's
-traceback. Spawning costs ~1 s per process on 2 cores (mostly `import torch`), so tests group
-several checks into one launch.
+traceback.
+
+Ranks are forked from a multiprocessing fork server that has imported torch and the engine once
+(tests/_preload.py): a fresh interpreter per rank costs ~1 s of `import torch` on a quiet 2-core
+machine and a minute under load, a fork from the server well under a second. Each rank is still
+a new process with its own gloo group and no state from the test process; it gets the test
+process's environment as it is at launch (the fork server's own is that of its start), and the
+engine modules as they were when the server started (tests never edit code mid-session).
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, port, fn, args, queue, environ):
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1")
@@ -40,11 +48,18 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["tests._preload"])
+    return ctx
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
+    environ = dict(os.environ)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, environ), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()
