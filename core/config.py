@@ -71,7 +71,8 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0                     # save every N steps; 0 = only at the end
+    interval: int | Literal["auto"] = 0   # save every N steps; 0 = only at the end; "auto": Young/Daly from the
+    # measured save time and cluster.mtbf_hours (core/goodput.py), re-derived after every save and logged
     keep_last: int = 3                    # retention: newest K checkpoints are kept
     load: str = ""                        # a checkpoint to start from when the run has none of its own yet
     keep_every: int = 0                   # retention: also keep every step divisible by N; 0 = none
@@ -80,11 +81,46 @@ class CheckpointConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Recovery without a person (cluster/supervisor.py, core/heartbeat.py)."""
+
+    max_restarts: int = 3                 # automatic restarts after a failure, all attempts (and requeues) of the run together
+    max_restarts_per_hour: int = 6        # rate limit: a run failing faster than this stops instead of crash-looping
+    exclude_failed_nodes: int = 0         # SLURM: requeue without the node whose rank failed first, up to N nodes a run
+    heartbeat_s: float = 5.0              # seconds between heartbeats through the rendezvous store (TCPStore)
+    hang_timeout_s: float = 120.0         # a rank without progress this long during steps is stuck: torn down, restarted
+    slow_phase_timeout_s: float = 900.0   # the same in slow phases: start-up, the first step (compile), checkpoint
+    # save, evaluation. Collectives time out a little later (core/heartbeat.py), so the watchdog names the rank
+    mtbf_hours: float = 24.0              # expected time between interruptions of the whole job (checkpoint.interval=auto)
+
+
+@dataclass
+class Fp8Config:
+    """FP8 matrix multiplies in the blocks' linears (parallel/fp8.py; the recipes in kernels/fp8.py)."""
+
+    enabled: bool = False                 # FP8 GEMMs in the blocks' linear layers; everything else stays bf16
+    backend: Literal["auto", "te", "torchao", "emulated"] = "auto"  # auto: te (tp=1) or torchao on an FP8 GPU,
+    # else emulated (gigatron's Fp8Linear: quantize-dequantize on CPU, torch._scaled_mm on sm_89+)
+    recipe: Literal["delayed", "tensorwise", "rowwise"] = "tensorwise"  # scale from: the amax history
+    # (delayed, TE's default), this tensor's amax (tensorwise = current scaling), or each row's amax
+    amax_history_len: int = 16            # delayed: steps of amax history behind each scale
+    margin: int = 0                       # scales are multiplied by 2^-margin (headroom for amax growth)
+    keep_bf16: list[str] = field(default_factory=lambda: ["{first}", "{last}"])  # module-name globs kept in
+    # bf16 ("{first}" / "{last}": the first / last block, with everything inside); outside the blocks
+    # (embeddings, output head) nothing is ever converted
+    fsdp_float8_all_gather: bool = False  # FSDP2 all-gathers weights in float8 (torchao, tensorwise only)
+
+
+@dataclass
 class RunConfig:
     dir: str = ""                         # run directory; launch.sh sets one per job
     log_every: int = 1                    # steps between log lines
     tensorboard: bool = True              # write TensorBoard event files to dir/tb
-    progress: bool = True                 # tqdm bar on rank 0
+    progress: bool = True                 # progress on rank 0: a live bar on a terminal, else a line every progress_every steps
+    progress_every: int = 10              # steps between plain progress lines when stdout is not a terminal (torchrun, SLURM)
+    straggler_every: int = 100            # time every rank's compute every N steps, flag stragglers (core/monitoring.py); 0 = never
+    straggler_threshold: float = 0.10     # a straggler's compute time exceeds its pipeline stage's median by this fraction
+    profile_steps: int = 3                # steps a `profile_request` file in run.dir profiles on every rank (core/monitoring.py)
 
 
 @dataclass
@@ -104,6 +140,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fp8: Fp8Config = field(default_factory=Fp8Config)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     run: RunConfig = field(default_factory=RunConfig)
     stages: list[StageConfig] = field(default_factory=list)  # empty: one stage, the recipe itself
     # each stage's complete, validated config (filled by load_config; not a recipe key)
@@ -187,7 +225,22 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     _require(t.decay_steps >= 0, "train.decay_steps", f"{t.decay_steps} must be >= 0 (0 = decay until train.steps)")
     _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1", "Adam betas must lie in [0, 1)")
     _require(t.grad_clip >= 0 and math.isfinite(t.grad_clip), "train.grad_clip", f"{t.grad_clip} must be >= 0")
+    c = cfg.cluster
+    _require(cfg.checkpoint.interval == "auto" or cfg.checkpoint.interval >= 0, "checkpoint.interval",
+             f"{cfg.checkpoint.interval} must be >= 0 (0 = only at the end) or 'auto'")
+    _require(c.max_restarts >= 0 and c.max_restarts_per_hour >= 1 and c.exclude_failed_nodes >= 0,
+             "cluster.max_restarts", "max_restarts and exclude_failed_nodes must be >= 0, max_restarts_per_hour >= 1")
+    _require(0 < c.heartbeat_s < c.hang_timeout_s <= c.slow_phase_timeout_s, "cluster.hang_timeout_s",
+             f"need 0 < heartbeat_s={c.heartbeat_s} < hang_timeout_s={c.hang_timeout_s} <= "
+             f"slow_phase_timeout_s={c.slow_phase_timeout_s}")
+    _require(c.mtbf_hours > 0, "cluster.mtbf_hours", f"{c.mtbf_hours} must be > 0 (hours between interruptions)")
     _require(0 <= t.ema_decay < 1, "train.ema_decay", f"{t.ema_decay} must lie in [0, 1) (0 = no EMA; diffusion: 0.9999)")
+    r = cfg.run
+    _require(r.straggler_every >= 0, "run.straggler_every", f"{r.straggler_every} must be >= 0 (0 = no straggler timing)")
+    _require(r.straggler_threshold >= 0 and math.isfinite(r.straggler_threshold), "run.straggler_threshold",
+             f"{r.straggler_threshold} must be >= 0 (0.10: 10% slower than the median)")
+    _require(r.profile_steps >= 1, "run.profile_steps", f"{r.profile_steps} must be >= 1")
+    _require(r.progress_every >= 1, "run.progress_every", f"{r.progress_every} must be >= 1")
     _require(t.eval_every >= 0, "train.eval_every", f"{t.eval_every} must be >= 0 (0 = no evaluation)")
     _require(t.eval_every == 0 or t.eval_batches >= 1, "train.eval_batches",
              f"{t.eval_batches} must be >= 1 when train.eval_every={t.eval_every}")
@@ -195,6 +248,10 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
              f"evaluation under pipeline parallelism (pp={p.pp}) is not supported yet; set train.eval_every=0")
     _require(t.eval_every == 0 or cfg.data.eval_fraction > 0, "data.eval_fraction",
              f"evaluation (train.eval_every={t.eval_every}) needs a held-out split: set data.eval_fraction > 0")
+    if cfg.fp8.enabled:
+        from gigatron.parallel.fp8 import validate_fp8
+
+        validate_fp8(cfg, family)  # backend / recipe / layout rules, naming fp8.* keys (parallel/fp8.py)
     return cfg
 
 

@@ -20,6 +20,8 @@ previous stage's last checkpoint (modules it adds start fresh, modules it drops 
 Exit codes: 0 finished; 2 bad recipe or data; 3 too many non-finite steps in a row
 (train.max_skipped_steps); 42 checkpointed on request (a `checkpoint_request` file in the run
 folder, or SIGTERM/SIGUSR1 from the scheduler): the launcher requeues the job, which resumes.
+Monitoring (core/monitoring.py): per-rank compute times and stragglers every run.straggler_every
+steps; a `profile_request` file in the run folder profiles the next run.profile_steps steps.
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ import time
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from gigatron.core import checkpoint
+from gigatron.core import checkpoint, faults, goodput, heartbeat
 from gigatron.core.config import Config, ConfigError, load_config
 from gigatron.core.ema import EMA
 from gigatron.core.family import ModelFamily, get_family
-from gigatron.core.metrics import MetricsWriter, device_peak_flops, format_step
+from gigatron.core.metrics import MetricsWriter, Progress, device_peak_flops, format_step
+from gigatron.core.monitoring import StepMonitor
 from gigatron.core.optim import build_optimizer, lr_at, set_lr
 from gigatron.parallel.comm import all_reduce
 from gigatron.parallel.context import cp_shard_batch
@@ -133,11 +135,15 @@ class Trainer:
                                                     async_save=c.async_save, fallback_to_previous=c.fallback_to_previous,
                                                     config=dataclasses.asdict(cfg))
         self.saved_step = -1
+        # checkpoint.interval=auto: Young/Daly from the measured save time and cluster.mtbf_hours
+        self.auto_interval = goodput.AutoInterval(cfg.cluster.mtbf_hours) if c.interval == "auto" else None
+        self.interval_from = 0  # the step the auto interval counts from (the last save, or the resumed step)
         self.skipped_steps, self.skipped_in_a_row = 0, 0
         self.data_wait = 0.0  # seconds spent in loader.next_batch during the current step
         self.stop_signal: int | None = None  # set by SIGTERM/SIGUSR1: checkpoint at the next step boundary
         self.stop_requested = False
         self.request_file = os.path.join(cfg.run.dir, "checkpoint_request")
+        self.monitor = StepMonitor(cfg, self.mesh, self.device)  # stragglers, on-demand profiling (core/monitoring.py)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
@@ -161,9 +167,31 @@ class Trainer:
     def save(self) -> str:
         path = checkpoint.step_dir(self.ckpt_root, self.step)
         if self.saved_step != self.step:  # e.g. the final save right after an interval save
-            path = self.checkpointer.save(self.step, self.model, self.optimizer, self.state_extra())
-            self.saved_step = self.step
+            start = time.perf_counter()
+            with heartbeat.phase("checkpoint"):
+                path = self.checkpointer.save(self.step, self.model, self.optimizer, self.state_extra())
+            self.saved_step = self.interval_from = self.step
+            if self.auto_interval is not None:
+                self._derive_interval(time.perf_counter() - start)
         return path
+
+    def _derive_interval(self, save_s: float) -> None:
+        """checkpoint.interval=auto: every rank must pick the same interval, so the measured save time
+        and the median step time are the slowest rank's (one all-reduce MAX of two scalars)."""
+        auto = self.auto_interval
+        measured = torch.tensor([save_s, auto.median_step()], device=self.device, dtype=torch.float64)
+        dist.all_reduce(measured, op=dist.ReduceOp.MAX)
+        before = auto.interval
+        steps, tau = auto.observe_save(*measured.tolist())
+        if dist.get_rank() == 0 and steps != before:
+            log.info("checkpoint.interval=auto: save %.3g s, step %.3g s, MTBF %.3g h -> Young/Daly interval "
+                     "%.3g s = every %d steps", auto.save_s, auto.step_s, auto.mtbf_s / 3600, tau, steps)
+
+    def checkpoint_due(self) -> bool:
+        interval = self.cfg.checkpoint.interval
+        if self.auto_interval is not None:
+            return self.step - self.interval_from >= self.auto_interval.interval
+        return bool(interval) and self.step % interval == 0
 
     def _load_data_state(self, extra: dict, legacy: bool, saved_dp: int) -> None:
         if legacy:  # written before per-rank data state: one global stream position
@@ -251,14 +279,16 @@ class Trainer:
         # global norm: DTensor shards reduced over dp/tp, squared norms summed over pp
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"), self.mesh)
         lr = lr_at(self.step - self.schedule_start, self.cfg.train)
-        # one all-reduce (MAX, on the compute device: NCCL has no CPU tensors) of two flags: a non-finite
-        # loss or gradient norm on any rank (every rank drops this step's gradients), and a stop
-        # request (SIGTERM/SIGUSR1 on any rank, or the request file, which only rank 0 looks for)
+        # one all-reduce (MAX, on the compute device: NCCL has no CPU tensors) of three flags: a non-finite
+        # loss or gradient norm on any rank (every rank drops this step's gradients), a stop request
+        # (SIGTERM/SIGUSR1 on any rank, or the request file, which only rank 0 looks for), a profiling request
         nonfinite = ~(torch.isfinite(grad_norm).all() & torch.isfinite(loss_sum).all())
         requested = self.stop_signal is not None or (dist.get_rank() == 0 and os.path.exists(self.request_file))
-        flags = torch.stack([nonfinite.float(), torch.tensor(float(requested), device=self.device)])
+        flags = torch.stack([nonfinite.float(), torch.tensor(float(requested), device=self.device),
+                             torch.tensor(float(self.monitor.request_seen()), device=self.device)])  # + profiling
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        skip, self.stop_requested = flags.tolist()
+        skip, self.stop_requested, profile = flags.tolist()
+        self.monitor.request_agreed(profile)
         if skip:
             self.skipped_steps, self.skipped_in_a_row = self.skipped_steps + 1, self.skipped_in_a_row + 1
         else:
@@ -307,14 +337,28 @@ class Trainer:
         until = cfg.train.steps if until is None else until
         writer = MetricsWriter(cfg.run.dir, cfg.run.tensorboard) if rank0 else None
         request = self.request_file
-        bar = tqdm(total=until, initial=self.step, disable=not (rank0 and cfg.run.progress),
-                   desc=self.stage_name or "train", unit="step", dynamic_ncols=True)
+        bar = Progress(until, self.step, rank0 and cfg.run.progress, self.stage_name or "train", cfg.run.progress_every)
+        ledger = goodput.Goodput(cfg.run.dir, self.step) if rank0 else None  # effective training time
+        self.interval_from = self.step
+        heartbeat.set_phase("first_step")  # a slow phase: warm-up, torch.compile
         while self.step < until:
+            faults.at_step(self.step)  # drills only (core/faults.py)
+            self.monitor.begin(self.step + 1)
             values = self.train_step()
+            values.update(self.monitor.end(self.step))
+            heartbeat.progress(self.step)
+            if self.auto_interval is not None:
+                self.auto_interval.observe_step(values["step_time_s"])
+                auto = self.auto_interval  # the Young/Daly choice in force, and what it was derived from
+                values.update(checkpoint_interval=auto.interval, checkpoint_save_s=auto.save_s,
+                              checkpoint_step_s=auto.step_s)
+            if ledger is not None:
+                values.update(ledger.update(values["step_time_s"]))
             values["skipped_steps"] = self.skipped_steps
             values.update({k: v for k, v in self.loader.stats().items()})
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                values.update(self.evaluate())
+                with heartbeat.phase("eval"):
+                    values.update(self.evaluate())
             if self.stage_name:
                 values["stage"] = self.stage_name
             if self.skipped_in_a_row >= cfg.train.max_skipped_steps:
@@ -326,8 +370,7 @@ class Trainer:
                     print(f"gigatron: {message}", file=sys.stderr)
                 self.checkpointer.wait()
                 return NON_FINITE_EXIT_CODE
-            bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.3f}")
+            bar.update(self.step, values)
             if rank0:
                 writer.write(self.step, values)
                 if self.step % cfg.run.log_every == 0:
@@ -339,9 +382,11 @@ class Trainer:
                     os.remove(request)
                     log.info("checkpoint requested: saved %s, exiting for requeue", path)
                 return REQUEUE_EXIT_CODE
-            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+            if self.checkpoint_due():
                 self.save()
         bar.close()
+        self.monitor.close()
+        heartbeat.set_phase("shutdown")
         path = self.save()
         self.checkpointer.wait()
         for loader in (self.loader, self.eval_loader):
@@ -401,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.run.dir:
         cfg.run.dir = os.path.join("runs", os.path.splitext(os.path.basename(args.recipe))[0])
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    dims = init_distributed(cfg.parallel)
+    dims = init_distributed(cfg.parallel, cfg.cluster)
+    faults.install(cfg.run.dir, dist.get_rank())  # inert unless a drill opts in (core/faults.py)
+    heartbeat.start(cfg.cluster, cfg.run.dir, dims.groups())  # hang detection (core/heartbeat.py)
     from gigatron.data_pipeline.loader import DataError
 
     try:
@@ -409,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:  # a bad recipe or too much bad data: one line, no traceback
         print(f"gigatron: {err}", file=sys.stderr)
         code = 2
+    heartbeat.set_phase("shutdown")
     dist.barrier()
+    heartbeat.stop()
     dist.destroy_process_group()
     return code
 
