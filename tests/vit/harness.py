@@ -157,14 +157,16 @@ def real_data_run(rank: int, world_size: int, root: str, shards: str) -> dict:
     data = [f"data.path={shards}", "data.eval_fraction=0.25"]
     for stem in ("patchify", "conv"):
         cfg = load_config(SWAG, QUICK + data + [f"model.stem={stem}", "model.depth=3" if stem == "conv" else "model.depth=2",
-                                                "train.steps=12", "train.global_batch_size=32", "train.micro_batch_size=32"])
+                                                "train.steps=12", "train.global_batch_size=32", "train.micro_batch_size=32",
+                                                "train.lr=3e-3"])
         cfg.run.dir = os.path.join(root, f"swag_{stem}")
         trainer = Trainer(cfg, init_distributed(cfg.parallel))
         out[stem] = [trainer.train_step()["loss"] for _ in range(cfg.train.steps)]
         del trainer
     # MAWS: a copy of the recipe with short stages and this test's shards
     with open(MAWS) as f:
-        text = f.read().replace("until_step: 400", "until_step: 6")
+        text = f.read().replace("until_step: 400", "until_step: 6").replace("train.warmup_steps: 20", "train.warmup_steps: 1")
+    text = text.replace("train.decay_steps: 280", "train.decay_steps: 1")
     text = text.replace("runs/data/digits32_10pc/train-000000.tar", shards).replace(
         "runs/data/digits32/train-{000016..000017}.tar", shards)
     recipe = os.path.join(root, "maws.yaml")
