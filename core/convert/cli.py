@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -34,18 +35,35 @@ def main(argv: list[str] | None = None) -> int:
         if args.direction == "to-hf":
             dtype = getattr(torch, args.dtype) if args.dtype else None
             ckpt = resolve_checkpoint(args.ckpt)
-            info = to_hf(ckpt, args.out, int(args.max_shard_gb * 1e9), dtype, tokenizer=not args.no_tokenizer)
+            if _model_name(ckpt) == "vit":  # ViT / ViTMAE (core/convert/hf_vit.py)
+                from gigatron.core.convert.hf_vit import to_hf as vit_to_hf
+
+                info = vit_to_hf(ckpt, args.out, dtype)
+            else:
+                info = to_hf(ckpt, args.out, int(args.max_shard_gb * 1e9), dtype, tokenizer=not args.no_tokenizer)
             print(f"wrote {args.out} from {ckpt}: {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB in "
                   f"{info['files']} files ({time.perf_counter() - start:.1f} s)")
         else:
             if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
                 raise ConvertError(f"{args.hf_dir} is not a Hugging Face model folder (no config.json)")
-            info = from_hf(args.hf_dir, args.ckpt, tokenizer=args.tokenizer)
+            with open(os.path.join(args.hf_dir, "config.json")) as f:
+                model_type = json.load(f).get("model_type")
+            if model_type in ("vit", "vit_mae"):
+                from gigatron.core.convert.hf_vit import from_hf as vit_from_hf
+
+                info = vit_from_hf(args.hf_dir, args.ckpt)
+            else:
+                info = from_hf(args.hf_dir, args.ckpt, tokenizer=args.tokenizer)
             print(f"wrote {args.ckpt}: {info['tensors']} tensors ({time.perf_counter() - start:.1f} s)")
     except (ConvertError, ValueError, KeyError, OSError) as err:
         print(f"gigatron convert: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _model_name(ckpt: str) -> str:
+    with open(os.path.join(ckpt, "config.json")) as f:
+        return json.load(f).get("model", {}).get("name", "llama3")
 
 
 class ConvertError(ValueError):
