@@ -121,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
     else:
         print(format_plan(info))
+        for note in shape.notes:  # the family's own breakdown (e.g. Movie Gen's parameters by part)
+            print(f"  {note}")
         print("\n".join(format_summary(info, device.name)))
     return 0
 
