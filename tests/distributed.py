@@ -10,13 +10,20 @@ Ranks are forked from a multiprocessing fork server that has imported torch and 
 machine and a minute under load, a fork from the server well under a second. Each rank is still
 a new process with its own gloo group and no state from the test process; it gets the test
 process's environment as it is at launch (the fork server's own is that of its start), and the
-engine modules as they were when the server started (tests never edit code mid-session).
+engine modules as they were when the server started (tests never edit code mid-session). A forked
+rank would also inherit the server's stdout and stderr, not the test's (pytest's capture of the
+test that started the server), so each rank writes both to files that the test process copies to
+its own sys.stdout / sys.stderr, rank by rank, once the ranks are done (capsys / capfd see them).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
+import sys
+import tempfile
 import traceback
 
 import torch.multiprocessing as mp
@@ -28,7 +35,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue, environ):
+def _worker(rank, world_size, port, fn, args, queue, environ, outputs):
+    for fd, path in zip((1, 2), outputs):
+        sys.stdout.flush() if fd == 1 else sys.stderr.flush()
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(target, fd)
+        os.close(target)
     os.environ.clear()
     os.environ.update(environ)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
@@ -46,6 +58,42 @@ def _worker(rank, world_size, port, fn, args, queue, environ):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def kill_job(pid: int) -> None:
+    """SIGKILL a launcher (torchrun) and every process below it, as a lost node would be killed.
+    torchrun starts each worker in a session of its own, so killing the launcher's process group
+    leaves its ranks running as orphans: collect the whole tree first, then kill it."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _copy_outputs(outputs) -> None:
+    for out, err in outputs:
+        for path, stream in ((out, sys.stdout), (err, sys.stderr)):
+            if os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    stream.write(f.read())
+                stream.flush()
 
 
 def _context():
@@ -59,8 +107,10 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     queue = ctx.Queue()
     port = _free_port()
     environ = dict(os.environ)
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, environ), daemon=False)
-             for r in range(world_size)]
+    logs = tempfile.mkdtemp(prefix="gigatron_ranks_")
+    outputs = [(os.path.join(logs, f"{r}.out"), os.path.join(logs, f"{r}.err")) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, environ, outputs[r]),
+                         daemon=False) for r in range(world_size)]
     for p in procs:
         p.start()
     results, errors = {}, []
@@ -77,6 +127,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
             p.join(timeout=5 if errors else 60)
             if p.is_alive():
                 p.kill()
+        _copy_outputs(outputs)
+        shutil.rmtree(logs, ignore_errors=True)
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[r] for r in range(world_size)]

@@ -22,7 +22,7 @@ import torch
 from gigatron.core.checkpoint import latest, verify
 from gigatron.core.checkpoint.reader import CheckpointReader
 from gigatron.core.train import main as train_main
-from tests.distributed import run_distributed
+from tests.distributed import kill_job, run_distributed
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,7 +81,7 @@ def _kill_after_first_checkpoint(run_dir, overrides, nproc):
     deadline = time.time() + 300
     while not os.path.exists(pointer) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank, mid-step 6
+    kill_job(proc.pid)  # torchrun and every rank (torchrun gives each its own session), mid-step 6
     proc.wait()
     return open(pointer).read().strip()
 

@@ -10,7 +10,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 from gigatron.core.checkpoint.reader import CheckpointReader
 from gigatron.core.config import ConfigError, load_config
 from gigatron.core.train import main as train_main
-from tests.distributed import run_distributed
+from tests.distributed import kill_job, run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPE = os.path.join(ROOT, "recipes/llama3_debug_stages.yaml")
@@ -89,5 +88,5 @@ def _kill_after_args(args, pointer):
     deadline = time.time() + 300
     while not os.path.exists(pointer) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank, right after stage one's last commit
+    kill_job(proc.pid)  # torchrun and every rank (torchrun gives each its own session), right after stage one's last commit
     proc.wait()

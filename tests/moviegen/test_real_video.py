@@ -9,7 +9,6 @@ The loss falls, and `gigatron sample` on the checkpoint writes a PNG grid and an
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 
 from gigatron.core.checkpoint.reader import CheckpointReader
 from gigatron.core.cli import main as cli
-from tests.distributed import run_distributed
+from tests.distributed import kill_job, run_distributed
 from tests.moviegen.harness import RECIPE, ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -48,7 +47,7 @@ def _kill_after_first_checkpoint(args, run_dir):
     deadline = time.time() + 300
     while not os.path.exists(pointer) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-step 6
+    kill_job(proc.pid)  # torchrun and every rank (torchrun gives each its own session), mid-step 6
     proc.wait()
     return open(pointer).read().strip()
 
