@@ -22,8 +22,10 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -85,6 +87,21 @@ def kill_job(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def train_until_then_kill(args: list[str], pointer: str, nproc: int, cwd: str) -> None:
+    """`torchrun -m gigatron.core.train ARGS` on nproc local ranks, SIGKILLed (launcher and every
+    rank) as soon as the file `pointer` appears (a checkpoint's `latest`), or after 300 s."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "gigatron.core.train", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.exists(pointer) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    kill_job(proc.pid)
+    proc.wait()
 
 
 def _copy_outputs(outputs) -> None:

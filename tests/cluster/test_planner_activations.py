@@ -6,7 +6,6 @@ is counted from the same block, so the gap is what the formula leaves out (small
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -106,8 +105,7 @@ def fake_tp_mesh():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
+    assert not dist.is_initialized(), "the fake process group needs a test process without one"
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
     try:
         yield init_device_mesh("cpu", (8,), mesh_dim_names=("tp",))

@@ -11,8 +11,6 @@ Exact resume runs on dp2 and tp2*pp2 (4 processes); the signal and async-save va
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,7 +20,7 @@ import torch
 from gigatron.core.checkpoint import latest, verify
 from gigatron.core.checkpoint.reader import CheckpointReader
 from gigatron.core.train import main as train_main
-from tests.distributed import kill_job, run_distributed
+from tests.distributed import run_distributed, train_until_then_kill
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,17 +70,8 @@ def _assert_bitwise_equal(a, b):
 
 
 def _kill_after_first_checkpoint(run_dir, overrides, nproc):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "gigatron.core.train", *_args(run_dir, overrides)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pointer = os.path.join(run_dir, "checkpoints", "latest")
-    deadline = time.time() + 300
-    while not os.path.exists(pointer) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    kill_job(proc.pid)  # torchrun and every rank (torchrun gives each its own session), mid-step 6
-    proc.wait()
+    train_until_then_kill(_args(run_dir, overrides), pointer, nproc, ROOT)  # mid-step 6
     return open(pointer).read().strip()
 
 

@@ -10,9 +10,6 @@
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -20,7 +17,7 @@ import torch
 from gigatron.core.checkpoint.reader import CheckpointReader
 from gigatron.core.config import ConfigError, load_config
 from gigatron.core.train import main as train_main
-from tests.distributed import kill_job, run_distributed
+from tests.distributed import run_distributed, train_until_then_kill
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPE = os.path.join(ROOT, "recipes/llama3_debug_stages.yaml")
@@ -80,13 +77,4 @@ def _train_recipe(rank, world_size, args):
 
 
 def _kill_after_args(args, pointer):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "gigatron.core.train", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not os.path.exists(pointer) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    kill_job(proc.pid)  # torchrun and every rank (torchrun gives each its own session), right after stage one's last commit
-    proc.wait()
+    train_until_then_kill(args, pointer, 2, ROOT)  # right after stage one's last commit

@@ -9,9 +9,6 @@ The loss falls, and `gigatron sample` on the checkpoint writes a PNG grid and an
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +16,7 @@ import torch
 
 from gigatron.core.checkpoint.reader import CheckpointReader
 from gigatron.core.cli import main as cli
-from tests.distributed import kill_job, run_distributed
+from tests.distributed import run_distributed, train_until_then_kill
 from tests.moviegen.harness import RECIPE, ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -38,17 +35,8 @@ def _train(rank, world_size, args):
 
 
 def _kill_after_first_checkpoint(args, run_dir):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "gigatron.core.train", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pointer = os.path.join(run_dir, "checkpoints", "latest")
-    deadline = time.time() + 300
-    while not os.path.exists(pointer) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    kill_job(proc.pid)  # torchrun and every rank (torchrun gives each its own session), mid-step 6
-    proc.wait()
+    train_until_then_kill(args, pointer, 2, ROOT)  # mid-step 6
     return open(pointer).read().strip()
 
 
