@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from gigatron.cluster.monitor.stragglers import find_stragglers_in_groups
+from gigatron.parallel.comm import all_gather_flat
 
 log = logging.getLogger("gigatron")
 PROFILE_REQUEST = "profile_request"
@@ -191,7 +192,7 @@ class StepMonitor:
         """All-gather (compute seconds, pipeline stage) of every rank; flag the slow ones."""
         mine = torch.tensor([seconds, float(self.pp_rank)], device=self.device, dtype=torch.float64)
         every = torch.empty(self.world * 2, device=self.device, dtype=torch.float64)
-        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(every, mine)  # torch 2.13 renamed it
+        all_gather_flat(every, mine)  # over the whole job (parallel/comm.py: the name on every torch)
         pairs = every.view(self.world, 2).tolist()
         times, stages = [t for t, _ in pairs], [int(p) for _, p in pairs]
         flagged = find_stragglers_in_groups(times, stages, self.run.straggler_threshold)

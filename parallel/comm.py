@@ -145,7 +145,7 @@ def all_reduce(x: torch.Tensor, mesh: DeviceMesh, dim: str, op=dist.ReduceOp.SUM
 
 # torch 2.13 renamed the flat collectives (all_gather_into_tensor -> all_gather_single, ...); the
 # engine runs from torch 2.11 on, so take whichever this torch has
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
@@ -157,7 +157,7 @@ def all_gather_dim0(x: torch.Tensor, mesh: DeviceMesh, dim: str) -> torch.Tensor
     if W == 1:
         return x
     out = x.new_empty((W * x.shape[0], *x.shape[1:]))
-    _all_gather_flat(out, x.contiguous(), group=mesh[dim].get_group())
+    all_gather_flat(out, x.contiguous(), group=mesh[dim].get_group())
     return out
 
 
