@@ -17,6 +17,8 @@ in the recipe and provides:
     flops_per_sample, parameters: for MFU and `gigatron plan`
     planner_shape cfg -> the planner's ModelShape (cluster/planner/model_shape.py), for full-scale plans
     converters    optional exporters (Hugging Face, ...)
+    sample        optional: what `gigatron sample CKPT --prompt ...` does with a checkpoint of the family
+                  (core/sample.py parses the command, finds the checkpoint and its family, and calls it)
 
 The global mean is exact for any objective and any layout: before any backward, the trainer sums
 `objective.count(batch)` over the step's micro-batches and all-reduces it over the "loss" mesh
@@ -117,12 +119,15 @@ class ModelFamily:
     data_format: str = "tokens"                      # the default data.format of this family
     converters: dict[str, Callable] = field(default_factory=dict)
     planner_shape: Callable[[Any], Any] | None = None  # cfg -> cluster.planner.model_shape.ModelShape (gigatron plan)
+    sample: Callable[[Any, str, dict], str] | None = None  # (gigatron sample's arguments, checkpoint folder, its
+                                                           # config.json) -> a summary line; writes under args.out
 
 
 FAMILIES: dict[str, str | ModelFamily] = {
     "llama3": "gigatron.core.families.llama3",
     "vit": "gigatron.core.families.vit",
     "moviegen": "gigatron.core.families.moviegen",
+    "emu_video": "gigatron.core.families.emu_video",
 }
 
 

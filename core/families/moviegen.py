@@ -139,6 +139,27 @@ def _objective(cfg, mesh):
     return FlowMatchingObjective(cfg)
 
 
+def sample(args, ckpt: str, config: dict) -> str:
+    """`gigatron sample` on a Movie Gen checkpoint: clips from the prompts by Euler steps on the flow
+    (core/sample.py) -> OUT/samples.png (one row of frames per prompt) and OUT/sample_<i>.mp4."""
+    import os
+
+    from gigatron.core.sample import clip_size, generate, load_model, prompts_for, save_grid, save_video, to_uint8
+
+    model, config = load_model(ckpt, ema=not args.no_ema)
+    m = model.cfg
+    frames, height, width = clip_size(args, m, config.get("data", {}))
+    text, lengths = prompts_for(args, m)
+    s = m.pixel_downsample
+    latents, _ = generate(model, m, text, lengths, frames, height // s, width // s, args.seed, args.guidance, args.steps)
+    clips = to_uint8(latents, m)
+    save_grid(list(clips), os.path.join(args.out, "samples.png"), labels=args.prompt)
+    for i, clip in enumerate(clips):
+        save_video(clip, os.path.join(args.out, f"sample_{i}.mp4"))
+    return (f"{len(clips)} clips of {frames}x{height}x{width} ({config['_weights']} weights, {args.steps} steps, "
+            f"guidance {args.guidance}) -> {args.out}/samples.png, sample_*.mp4")
+
+
 MOVIEGEN = register_family(ModelFamily(
     name="moviegen",
     config=MovieGenConfig,
@@ -158,5 +179,6 @@ MOVIEGEN = register_family(ModelFamily(
     units_per_sample=lambda cfg: cfg.train.seq_len,
     data_format="webdataset",
     planner_shape=planner_shape,
+    sample=sample,
 ))
 register_format("video_buckets", "gigatron.data_pipeline.buckets:build_bucket_loader")  # shape buckets (duration, aspect)
