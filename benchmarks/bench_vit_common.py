@@ -18,6 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "runs/data")
 FULL, FEW = "digits32", "digits32_10pc"  # all 1,797 digits; 10 labelled images per class (train split only)
 SHARDS, EVAL_FRACTION = 18, 0.12         # 100 per shard; the last 2 shards (197 images) are held out
+# tuning: train on shards 0..13 (1,400 images), validate on 14..15 (200), both from the training split
+TUNE_PATH, TUNE_EVAL_FRACTION, VALIDATION_SHARDS = "train-{000000..000015}.tar", 0.125, range(14, 16)
 
 
 def prepare_digits(data: str = DATA) -> dict:
@@ -47,9 +49,10 @@ def prepare_digits(data: str = DATA) -> dict:
     return out
 
 
-def heldout(data: str = DATA) -> tuple[torch.Tensor, torch.Tensor]:
+def heldout(data: str = DATA, validation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out split (the last shards, as data.eval_fraction holds them out): images (N, 3, 32, 32)
-    normalised as the loader does (ImageNet statistics), labels (N,)."""
+    normalised as the loader does (ImageNet statistics), labels (N,). validation=True: the validation
+    split carved from the training shards instead (VALIDATION_SHARDS; tuning never sees the held-out split)."""
     from PIL import Image
 
     from gigatron.data_pipeline.shard_loader import normalise
@@ -58,6 +61,7 @@ def heldout(data: str = DATA) -> tuple[torch.Tensor, torch.Tensor]:
 
     shards = [os.path.join(data, FULL, f"train-{i:06d}.tar") for i in range(SHARDS)]
     _, held = split_shards(shards, EVAL_FRACTION)
+    held = VALIDATION_SHARDS if validation else held
     pixels, labels = [], []
     for i in held:
         for got in read_tar_shard(shards[i]):

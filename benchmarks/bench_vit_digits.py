@@ -21,18 +21,22 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_vit_common import DATA, ROOT, accuracy, checkpoints, heldout, prepare_digits, train  # noqa: E402
+from bench_vit_common import (DATA, FULL, ROOT, TUNE_EVAL_FRACTION, TUNE_PATH, accuracy, checkpoints,  # noqa: E402
+                              heldout, prepare_digits, train)
 
 RECIPE = os.path.join(ROOT, "recipes/vit_debug_swag.yaml")
+DEFAULT_OUT = os.path.join(ROOT, "benchmarks/results/bench_vit_digits.json")
 
 
 def run_stem(stem: str, args, images, labels) -> dict:
     run_dir = os.path.join(args.work, f"swag_{stem}")
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.time()
-    metrics = train(RECIPE, [f"model.stem={stem}", f"train.steps={args.steps}", f"train.seed={args.seed}",
-                             f"checkpoint.interval={args.every}", "checkpoint.keep_last=1000", "train.eval_every=0",
-                             "run.log_every=50"], run_dir, nproc=args.nproc)
+    overrides = [f"model.stem={stem}", f"train.steps={args.steps}", f"train.seed={args.seed}",
+                 f"checkpoint.interval={args.every}", "checkpoint.keep_last=1000", "train.eval_every=0", "run.log_every=50"]
+    if args.validation:  # train on shards 0..13 only; 14..15 (validation) and 16..17 (held out) never seen
+        overrides += [f"data.path={os.path.join(DATA, FULL, TUNE_PATH)}", f"data.eval_fraction={TUNE_EVAL_FRACTION}"]
+    metrics = train(RECIPE, overrides + args.set, run_dir, nproc=args.nproc)
     seconds = time.time() - start
     curve = [{"step": step, "heldout_accuracy": accuracy(path, images, labels)}
              for step, path in checkpoints(os.path.join(run_dir, "checkpoints"))]
@@ -72,19 +76,26 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=1, help="processes (data parallel)")
     parser.add_argument("--stems", nargs="+", default=["patchify", "conv"])
     parser.add_argument("--work", default="/tmp/bench_vit_digits", help="run folders")
+    parser.add_argument("--validation", action="store_true",
+                        help="tuning: train on shards 0..13, report accuracy on the validation shards 14..15 "
+                             "(the held-out 16..17 stay unseen); writes nothing to benchmarks/results")
+    parser.add_argument("--set", nargs="*", default=[], help="extra recipe overrides (key=value)")
     parser.add_argument("--prepare-only", action="store_true", help="write runs/data/digits32* and stop")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/bench_vit_digits.json"))
+    parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
     data = prepare_digits(DATA)
     if args.prepare_only:
         print(json.dumps({k: v["path"] for k, v in data.items()}))
         return 0
-    images, labels = heldout(DATA)
+    images, labels = heldout(DATA, validation=args.validation)
+    if args.validation and args.out == DEFAULT_OUT:
+        args.out = os.path.join(args.work, "validation.json")
     results = [run_stem(stem, args, images, labels) for stem in args.stems]
     target = 0.95
     out = {"benchmark": "bench_vit_digits", "date": time.strftime("%Y-%m-%d"), "recipe": "recipes/vit_debug_swag.yaml",
            "data": {"train_images": data["digits32"]["samples"] - len(labels), "heldout_images": len(labels)},
-           "steps": args.steps, "target_heldout_accuracy": target, "results": results,
+           "steps": args.steps, "split": "validation (shards 14..15)" if args.validation else "held out (shards 16..17)",
+           "overrides": args.set, "target_heldout_accuracy": target, "results": results,
            "all_pass": all(r["final_heldout_accuracy"] >= target for r in results)}
     if len(results) == 2:
         out["ratio_conv_over_patchify"] = results[1]["final_heldout_accuracy"] / results[0]["final_heldout_accuracy"]
