@@ -128,6 +128,7 @@ FAMILIES: dict[str, str | ModelFamily] = {
     "vit": "gigatron.core.families.vit",
     "moviegen": "gigatron.core.families.moviegen",
     "emu_video": "gigatron.core.families.emu_video",
+    "omnivore": "gigatron.core.families.omnivore",
 }
 
 
