@@ -30,9 +30,7 @@ from __future__ import annotations
 import torch
 
 from gigatron.core import rng
-from gigatron.core.models.patch_embed import grid_of, patchify
-from gigatron.core.objectives.flow_matching import grid_positions, sample_keys, to_latents
-from gigatron.parallel.context import padding_segment_ids
+from gigatron.core.objectives.flow_matching import FlowMatchingObjective, denoiser_batch, sample_keys, to_latents
 
 
 def scaled_linear_betas(steps: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
@@ -76,11 +74,12 @@ def from_v(x_t: torch.Tensor, v: torch.Tensor, ab: torch.Tensor) -> tuple[torch.
     return a * x_t - s * v, s * x_t + a * v
 
 
-class DiffusionObjective:
-    sequence_keys = ("x_t", "velocity", "grid_positions")
+class DiffusionObjective(FlowMatchingObjective):
+    """Flow matching's batch layout, inputs, count and loss (the target stored under "velocity" is v);
+    its own noise, step and dropout draws and the forward process."""
 
     def __init__(self, cfg):
-        self.m, self.seed = cfg.model, cfg.train.seed
+        super().__init__(cfg)
         self.alphas_bar = schedule_of(cfg.model)
 
     def _key(self, what: str) -> int:
@@ -98,37 +97,6 @@ class DiffusionObjective:
     def prepare(self, batch: dict) -> dict:
         m = self.m
         x0 = to_latents(batch["videos"].float(), m)  # (B, C, F, H', W')
-        B = x0.shape[0]
         eps, steps, dropped = self.draw(sample_keys(batch), x0.shape)
         x_t, v = diffuse(x0, eps, self.alphas_bar[steps].float())
-        grid = grid_of(x0.shape, m.patch)
-        text = batch.get("text_embeddings")
-        if text is None:  # no prompt in the data: unconditional (the empty prompt)
-            text, lengths = torch.zeros(B, 1, m.text_dim), torch.ones(B, dtype=torch.int64)
-        else:
-            lengths = batch["text_lengths"].clone()
-            text = text.masked_fill(dropped[:, None, None], 0.0)
-            lengths[dropped] = 1
-        out = {k: val for k, val in batch.items() if k not in ("videos", "text_embeddings", "text_lengths")}
-        out.update({"x_t": patchify(x_t, m.patch), "velocity": patchify(v, m.patch),  # (B, N, P)
-                    "grid_positions": grid_positions(grid, B), "t": steps.float() / m.diffusion_steps,
-                    "text": text, "text_lengths": lengths, "grid": torch.tensor(grid)})
-        return out
-
-    def inputs(self, batch: dict) -> tuple[tuple, dict]:
-        return (batch["x_t"],), {"t": batch["t"], "grid_positions": batch["grid_positions"], "text": batch["text"],
-                                 "text_lengths": batch["text_lengths"], "positions": batch["positions"],
-                                 "segment_ids": padding_segment_ids(batch)}
-
-    def count(self, batch: dict) -> torch.Tensor:
-        v, real = batch["velocity"], batch.get("real_tokens")
-        tokens = real.sum() if real is not None else torch.tensor(v.shape[0] * v.shape[1])
-        return tokens * v.shape[-1]
-
-    def loss(self, prediction, batch: dict, model=None) -> torch.Tensor:
-        err = (prediction.float() - batch["velocity"]) ** 2  # (B, N, P)
-        real = batch.get("real_tokens")
-        return (err * real[..., None].float()).sum() if real is not None else err.sum()
-
-    def metrics(self, prediction, batch: dict) -> dict:
-        return {}
+        return denoiser_batch(batch, m, x_t, v, steps.float() / m.diffusion_steps, dropped)

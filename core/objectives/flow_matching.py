@@ -63,6 +63,28 @@ def flow_path(x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, sigma_min: fl
     return tb * x1 + (1 - (1 - sigma_min) * tb) * x0, x1 - (1 - sigma_min) * x0
 
 
+def denoiser_batch(batch: dict, m, x_t: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+                   dropped: torch.Tensor) -> dict:
+    """The prepared batch of a denoiser (flow matching here, diffusion in core/objectives/diffusion.py):
+    x_t and the model's target (B, C, F, H', W') patchified to (B, N, P) under "x_t" / "velocity", the
+    token grid, the time input t (B,), and the prompt with the `dropped` rows (classifier-free
+    guidance) replaced by the empty prompt, one zero token."""
+    B = x_t.shape[0]
+    grid = grid_of(x_t.shape, m.patch)
+    text = batch.get("text_embeddings")
+    if text is None:  # no prompt in the data: unconditional (the empty prompt)
+        text, lengths = torch.zeros(B, 1, m.text_dim), torch.ones(B, dtype=torch.int64)
+    else:
+        lengths = batch["text_lengths"].clone()
+        text = text.masked_fill(dropped[:, None, None], 0.0)
+        lengths[dropped] = 1
+    out = {k: v for k, v in batch.items() if k not in ("videos", "text_embeddings", "text_lengths")}
+    out.update({"x_t": patchify(x_t, m.patch), "velocity": patchify(target, m.patch),  # (B, N, P)
+                "grid_positions": grid_positions(grid, B), "t": t, "text": text, "text_lengths": lengths,
+                "grid": torch.tensor(grid)})
+    return out
+
+
 class FlowMatchingObjective:
     sequence_keys = ("x_t", "velocity", "grid_positions")
 
@@ -82,25 +104,10 @@ class FlowMatchingObjective:
         return x0, t, dropped
 
     def prepare(self, batch: dict) -> dict:
-        m = self.m
-        x1 = to_latents(batch["videos"].float(), m)  # (B, C, F, H', W')
-        B = x1.shape[0]
-        keys = sample_keys(batch)
-        x0, t, dropped = self.draw(keys, x1.shape)
-        x_t, velocity = flow_path(x1, x0, t, m.sigma_min)
-        grid = grid_of(x1.shape, m.patch)
-        text = batch.get("text_embeddings")
-        if text is None:  # no prompt in the data: unconditional (the empty prompt)
-            text, lengths = torch.zeros(B, 1, m.text_dim), torch.ones(B, dtype=torch.int64)
-        else:
-            lengths = batch["text_lengths"].clone()
-            text = text.masked_fill(dropped[:, None, None], 0.0)
-            lengths[dropped] = 1
-        out = {k: v for k, v in batch.items() if k not in ("videos", "text_embeddings", "text_lengths")}
-        out.update({"x_t": patchify(x_t, m.patch), "velocity": patchify(velocity, m.patch),  # (B, N, P)
-                    "grid_positions": grid_positions(grid, B), "t": t, "text": text, "text_lengths": lengths,
-                    "grid": torch.tensor(grid)})
-        return out
+        x1 = to_latents(batch["videos"].float(), self.m)  # (B, C, F, H', W')
+        x0, t, dropped = self.draw(sample_keys(batch), x1.shape)
+        x_t, velocity = flow_path(x1, x0, t, self.m.sigma_min)
+        return denoiser_batch(batch, self.m, x_t, velocity, t, dropped)
 
     def inputs(self, batch: dict) -> tuple[tuple, dict]:
         return (batch["x_t"],), {"t": batch["t"], "grid_positions": batch["grid_positions"], "text": batch["text"],
