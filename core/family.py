@@ -129,6 +129,7 @@ FAMILIES: dict[str, str | ModelFamily] = {
     "moviegen": "gigatron.core.families.moviegen",
     "emu_video": "gigatron.core.families.emu_video",
     "omnivore": "gigatron.core.families.omnivore",
+    "crossflow": "gigatron.core.families.crossflow",
 }
 
 

@@ -1,4 +1,4 @@
-"""`gigatron prepare-images SRC OUT [--shard-size N] [--resize S] [--mds]`: images -> WebDataset tar shards.
+"""`gigatron prepare-images SRC OUT [--shard-size N] [--resize S] [--mds] [--caption T --text-encoder SPEC]`: images -> WebDataset tar shards.
 
 SRC is an image folder tree (SRC/<class>/<file>.jpg|jpeg|png|webp|bmp: the class is the sub-folder,
 numbered in sorted order) or a labelled array file (.npz with "images" (N, H, W) or (N, H, W, 3)
@@ -8,6 +8,12 @@ otherwise JPEG bytes are kept as they are. Written to OUT: train-000000.tar, ...
 DALI index (.tar.idx), refused.jsonl (one {"source", "reason"} per refused sample) and
 dataset.json (the shard pattern for data.path, counts, class names). With --mds the same samples
 are also written as MDS shards (mosaicml-streaming's MDSWriter) to OUT/mds, for data.format mds.
+
+Captions from labels (text-to-image training, e.g. CrossFlow on digits): --caption "a handwritten
+{class}" writes each sample's caption (.txt) with {class} replaced by its class name (--class-names
+zero,one,... renames the classes of an array file, numbered 0..K-1), and --text-encoder SPEC embeds
+each distinct caption once with the frozen stand-in encoder (data_pipeline/text_encoder.py, as
+prepare-videos does) into .emb.npy (L, D) float32, read as data.text_embeddings.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import sys
 
 import numpy as np
 
-from .shard_writer import TarShardWriter
+from .shard_writer import TarShardWriter, npy_bytes
 
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -95,7 +101,8 @@ def tar_to_mds(shard_paths: list[str], out: str, shard_bytes: int = 1 << 26) -> 
 
 
 def prepare_images(src: str, out: str, shard_size: int = 1000, resize: int = 0, progress: bool = True,
-                   mds: bool = False) -> dict:
+                   mds: bool = False, caption: str = "", class_names: list[str] | None = None,
+                   text_encoder: str = "", text_tokens: int = 64) -> dict:
     """Write the shards; returns the summary also written to OUT/dataset.json."""
     from tqdm import tqdm
 
@@ -105,6 +112,19 @@ def prepare_images(src: str, out: str, shard_size: int = 1000, resize: int = 0, 
         classes, total, samples = _array_samples(src)
     else:
         raise ValueError(f"{src} is neither an image folder tree nor a .npz array file")
+    if class_names:
+        if len(class_names) != len(classes):
+            raise ValueError(f"--class-names gives {len(class_names)} names for {len(classes)} classes")
+        classes = list(class_names)
+    if text_encoder and not caption:
+        raise ValueError("--text-encoder embeds captions: give --caption (e.g. 'a handwritten {class}')")
+    if caption and "{class}" not in caption:
+        raise ValueError(f"--caption {caption!r} has no {{class}} placeholder")
+    encoder, embedded = None, {}
+    if text_encoder:
+        from .text_encoder import TextEncoder
+
+        encoder = TextEncoder(text_encoder, text_tokens)
     os.makedirs(out, exist_ok=True)
     refused = 0
     with TarShardWriter(out, "train", shard_size) as writer, open(os.path.join(out, "refused.jsonl"), "w") as log:
@@ -115,9 +135,18 @@ def prepare_images(src: str, out: str, shard_size: int = 1000, resize: int = 0, 
                 refused += 1
                 log.write(json.dumps({"source": source, "reason": str(err)}) + "\n")
                 continue
-            writer.write(f"{writer.samples:09d}", {"jpg": data, "cls": str(label).encode()})
+            members = {"jpg": data, "cls": str(label).encode()}
+            if caption:
+                text = caption.replace("{class}", classes[label])
+                members["txt"] = text.encode()
+                if encoder is not None:
+                    if text not in embedded:  # one forward per distinct caption
+                        embedded[text] = npy_bytes(encoder(text))
+                    members["emb.npy"] = embedded[text]
+            writer.write(f"{writer.samples:09d}", members)
     summary = {"path": writer.pattern, "samples": writer.samples, "shards": len(writer.shards), "refused": refused,
-               "classes": classes, "shard_size": shard_size, "resize": resize}
+               "classes": classes, "shard_size": shard_size, "resize": resize, "caption": caption,
+               "text_encoder": text_encoder, "text_tokens": text_tokens if text_encoder else 0}
     if mds:
         summary["mds_path"] = os.path.join(out, "mds")
         summary["mds_samples"] = tar_to_mds(writer.shards, summary["mds_path"])
@@ -133,11 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     parser.add_argument("--resize", type=int, default=0, help="resize the shorter side to S pixels (0 = keep)")
     parser.add_argument("--mds", action="store_true", help="also write MDS shards to OUT/mds (data.format mds)")
+    parser.add_argument("--caption", default="", metavar="TEMPLATE",
+                        help="write a caption per image, {class} replaced by its class name (e.g. 'a handwritten {class}')")
+    parser.add_argument("--class-names", default="", help="comma-separated class names for an array file's labels 0..K-1")
+    parser.add_argument("--text-encoder", default="", metavar="SPEC",
+                        help="embed the captions: llama-bytes:DIM or a gigatron Llama checkpoint (as prepare-videos)")
+    parser.add_argument("--text-tokens", type=int, default=64, help="longest caption in tokens (default 64)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         summary = prepare_images(args.src, args.out, args.shard_size, args.resize, not args.no_progress,
-                                 args.mds)
+                                 args.mds, args.caption, [c for c in args.class_names.split(",") if c] or None,
+                                 args.text_encoder, args.text_tokens)
     except (ValueError, OSError) as err:
         print(f"prepare-images: error: {err}", file=sys.stderr)
         return 1

@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 
-from .shard_writer import TarShardWriter
+from .shard_writer import TarShardWriter, npy_bytes
 
 VIDEO_FILES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 
@@ -92,12 +92,6 @@ def _sidecars(path: str) -> tuple[str, np.ndarray | None]:
     return caption, embedding
 
 
-def _npy(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    np.save(out, array, allow_pickle=False)
-    return out.getvalue()
-
-
 def prepare_videos(src: str, out: str, frames: int = 8, resize: int = 0, shard_size: int = 100, store: str = "frames",
                    vp9: bool = False, max_clips: int = 0, progress: bool = True, text_encoder: str = "",
                    text_tokens: int = 64) -> dict:
@@ -140,9 +134,9 @@ def prepare_videos(src: str, out: str, frames: int = 8, resize: int = 0, shard_s
                     clip = np.stack(buffer)  # (F, H, W, 3) uint8
                     buffer, key = [], f"{writer.samples:09d}"
                     members = {"txt": caption.encode()}
-                    members["frames.npy" if store == "frames" else "mp4"] = _npy(clip) if store == "frames" else encode_clip(clip)
+                    members["frames.npy" if store == "frames" else "mp4"] = npy_bytes(clip) if store == "frames" else encode_clip(clip)
                     if embedding is not None:
-                        members["emb.npy"] = _npy(embedding)
+                        members["emb.npy"] = npy_bytes(embedding)
                     if label is not None:
                         members["cls"] = str(label).encode()
                     writer.write(key, members)

@@ -21,6 +21,15 @@ from webdataset.tariterators import base_plus_ext
 __all__ = ["TarShardWriter", "write_dali_index"]
 
 
+def npy_bytes(array) -> bytes:
+    """An array as .npy bytes (no pickle: numeric dtypes only), for .npy shard members."""
+    import numpy as np
+
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
 def write_dali_index(tar_path: str, index_path: str | None = None) -> int:
     """Scan a tar and write its DALI index; returns the number of samples."""
     lines, current, current_key = [], [], None

@@ -63,6 +63,18 @@ def flow_path(x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, sigma_min: fl
     return tb * x1 + (1 - (1 - sigma_min) * tb) * x0, x1 - (1 - sigma_min) * x0
 
 
+def guidance_text(batch: dict, m, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text (B, L, text_dim), lengths (B,)): the batch's prompts with the `dropped` rows (classifier-free
+    guidance) replaced by the empty prompt, one zero token; all empty when the data has no prompts."""
+    text = batch.get("text_embeddings")
+    B = dropped.shape[0]
+    if text is None:  # no prompt in the data: unconditional (the empty prompt)
+        return torch.zeros(B, 1, m.text_dim), torch.ones(B, dtype=torch.int64)
+    lengths = batch["text_lengths"].clone()
+    lengths[dropped] = 1
+    return text.masked_fill(dropped[:, None, None], 0.0), lengths
+
+
 def denoiser_batch(batch: dict, m, x_t: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
                    dropped: torch.Tensor) -> dict:
     """The prepared batch of a denoiser (flow matching here, diffusion in core/objectives/diffusion.py):
@@ -71,13 +83,7 @@ def denoiser_batch(batch: dict, m, x_t: torch.Tensor, target: torch.Tensor, t: t
     guidance) replaced by the empty prompt, one zero token."""
     B = x_t.shape[0]
     grid = grid_of(x_t.shape, m.patch)
-    text = batch.get("text_embeddings")
-    if text is None:  # no prompt in the data: unconditional (the empty prompt)
-        text, lengths = torch.zeros(B, 1, m.text_dim), torch.ones(B, dtype=torch.int64)
-    else:
-        lengths = batch["text_lengths"].clone()
-        text = text.masked_fill(dropped[:, None, None], 0.0)
-        lengths[dropped] = 1
+    text, lengths = guidance_text(batch, m, dropped)
     out = {k: v for k, v in batch.items() if k not in ("videos", "text_embeddings", "text_lengths")}
     out.update({"x_t": patchify(x_t, m.patch), "velocity": patchify(target, m.patch),  # (B, N, P)
                 "grid_positions": grid_positions(grid, B), "t": t, "text": text, "text_lengths": lengths,
