@@ -31,6 +31,8 @@ class ParallelConfig:
     cp_mode: Literal["auto", "allgather", "ring"] = "auto"  # auto: allgather if causal, ring if bidirectional
     reshard_after_forward: bool = False   # Llama 3: keep gathered weights for backward (no 2nd all-gather)
     activation_checkpoint: Literal["none", "selective", "full"] = "none"
+    full_recompute_every: int = 0         # layer-wise mixed recompute: the blocks at positions 0, K, 2K, ...
+    # of each pipeline rank get full recompute, the others activation_checkpoint (0 = off; parallel/checkpointing.py)
     grad_sync: Literal["per_step", "per_microbatch"] = "per_step"  # FSDP gradient reduce-scatter: once per
     # step (unsharded FP32 gradients accumulate over the micro-batches) or after every micro-batch (less
     # memory, n_micro x the bytes). Pipeline stages always reduce once per step.
@@ -216,6 +218,9 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
                  f"{p.pp_first_last_fewer_layers} must be >= 0 (layers taken off the first and last stage)")
     _require(p.pp > 1 or p.pp_virtual_stages == 1, "parallel.pp_virtual_stages",
              f"{p.pp_virtual_stages} virtual stages need a pipeline; set parallel.pp > 1 or pp_virtual_stages=1")
+    _require(type(p.full_recompute_every) is int and p.full_recompute_every >= 0, "parallel.full_recompute_every",
+             f"{p.full_recompute_every!r} must be an integer >= 0: K > 0 gives full recompute to every K-th block of "
+             f"each pipeline rank (and activation_checkpoint to the rest), 0 turns it off")
     _require(p.pp_timeline_step >= 0, "parallel.pp_timeline_step",
              f"{p.pp_timeline_step} must be >= 0 (a 1-based step number; 0 = no timeline)")
     _require(0 < t.lr < 1, "train.lr", f"{t.lr} is not a sensible peak learning rate; use a value in (0, 1)")

@@ -22,6 +22,14 @@ Why not simply mark attention's aten ops "must save": the kernels update matmul 
 (scores += mask bias), and a saved-then-mutated tensor replayed in the recompute is wrong (measured:
 a 20% gradient-norm error). The core is one unit instead: no op inside it is cached.
 
+Layer-wise mixed recompute (`parallel.full_recompute_every: K`, 0 = off): the block at position i of
+its pipeline rank (the rank's blocks over all its virtual stages, in layer order; without a pipeline,
+the model's) gets "full" when i % K == 0 and `activation_checkpoint` otherwise, so each rank trades
+ceil(n / K) of its n blocks' saved activations for one more forward each. The position is the
+rank's, not the model's: with interleaved chunks a rank holds layers pp apart, and a global
+index % K would give some ranks only full blocks and others none. `block_policies` is the one place
+that decides a block's policy; "none", "selective" and "full" for every block are K = 0.
+
 The block's `forward` is wrapped in place, and a unit becomes an instance of a subclass of its own
 class whose `__call__` keeps it (as FSDP2's `fully_shard` swaps classes): no wrapper module, so
 parameter names, and therefore the name-keyed initialisation and checkpoint keys, stay those of the
@@ -153,19 +161,53 @@ def kept_units(block: nn.Module, cfg, plan) -> list[nn.Module]:
     return units
 
 
-def apply_ac(model: nn.Module, mesh: DeviceMesh | None, cfg, plan) -> nn.Module:
-    """Wrap every block's forward per cfg.parallel.activation_checkpoint ("none", "full", "selective").
-    Input/output placements are unchanged (whatever the block takes and returns)."""
+def rank_block_positions(blocks, pp_rank: int, cfg) -> dict[str, int]:
+    """Position of each of `blocks` (names: global indices) among the blocks pipeline rank `pp_rank` runs,
+    over all the rank's virtual stages in layer order (parallel/pipeline.py's split: assign_layers,
+    rank_chunks); without a pipeline, among the model's blocks."""
+    p = cfg.parallel
+    pp = getattr(p, "pp", 1)
+    if pp > 1:
+        from gigatron.core.family import get_family
+        from gigatron.parallel.pipeline_split import assign_layers, rank_chunks
+
+        assignment = assign_layers(get_family(cfg.model.name).n_blocks(cfg.model), pp, p.pp_virtual_stages,
+                                   p.pp_first_last_fewer_layers)
+        chunks = rank_chunks(pp_rank, pp, p.pp_virtual_stages)
+        mine = sorted(i for c in chunks for i in assignment[c])
+    else:
+        mine = sorted(int(name) for name in blocks)
+    position = {index: i for i, index in enumerate(mine)}
+    return {name: position[int(name)] for name in blocks}
+
+
+def block_policies(model: nn.Module, mesh: DeviceMesh | None, cfg, plan) -> dict[str, str]:
+    """The recompute policy of each block of `model`: "full" at rank positions 0, K, 2K, ... when
+    parallel.full_recompute_every = K > 0, parallel.activation_checkpoint everywhere else."""
     mode = cfg.parallel.activation_checkpoint
-    if mode == "none":
-        return model
+    every = getattr(cfg.parallel, "full_recompute_every", 0)
+    blocks = blocks_of(model, plan)
+    if not every:
+        return {name: mode for name in blocks}
+    pp_rank = mesh["pp"].get_local_rank() if getattr(cfg.parallel, "pp", 1) > 1 else 0
+    positions = rank_block_positions(blocks, pp_rank, cfg)
+    return {name: "full" if positions[name] % every == 0 else mode for name in blocks}
+
+
+def apply_ac(model: nn.Module, mesh: DeviceMesh | None, cfg, plan) -> nn.Module:
+    """Wrap each block's forward per its policy (`block_policies`: "none", "full", "selective").
+    Input/output placements are unchanged (whatever the block takes and returns)."""
     from torch.utils.checkpoint import noop_context_fn
 
-    context_fn = _selective_context if mode == "selective" else noop_context_fn
-    wrap = _checkpointed_to_the_end if mode == "selective" else _checkpointed
-    for block in blocks_of(model, plan).values():
+    policies = block_policies(model, mesh, cfg, plan)
+    for name, block in blocks_of(model, plan).items():
+        mode = policies[name]
+        if mode == "none":
+            continue
         if mode == "selective":
             for module in kept_units(block, cfg, plan):
                 _keep(module)
-        block.forward = functools.partial(wrap, block.forward, context_fn)
+            block.forward = functools.partial(_checkpointed_to_the_end, block.forward, _selective_context)
+        else:
+            block.forward = functools.partial(_checkpointed, block.forward, noop_context_fn)
     return model

@@ -61,7 +61,7 @@ def format_summary(info: dict, gpu_name: str) -> list[str]:
         f"(pipeline rank {info['peak_memory_pp_rank']})",
         f"  parameters {m['parameters']:.2f}  gradients {m['gradients']:.2f}  optimizer {m['optimizer']:.2f}  "
         f"activations {m['activations']:.2f}  pipeline {m['pipeline']:.2f}  buffers {m['buffers']:.2f} GB",
-        f"  (grad sync per {lay['grad_sync'].replace('_', '-')}, recompute {lay['activation_checkpoint']}, "
+        f"  (grad sync per {lay['grad_sync'].replace('_', '-')}, recompute {lay['recompute']}, "
         f"sequence parallel {lay['sequence_parallel']}, reshard after forward {lay['reshard_after_forward']})",
         f"projected    step {info['step_time_s']:.3f} s, {info['tflops_per_gpu']:.0f} TFLOP/s per GPU, "
         f"MFU {info['mfu']:.1%}, {info['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU",
@@ -72,13 +72,13 @@ def format_summary(info: dict, gpu_name: str) -> list[str]:
 
 def format_search(rows: list[dict], fitting: int, gpus: int, gpu_name: str) -> list[str]:
     lines = [f"search       {fitting} layouts fit on {gpus:,} x {gpu_name}; the fastest:",
-             f"  {'#':>2} {'tp':>3} {'cp':>3} {'pp':>3} {'v':>3} {'dp':>5} {'mb':>3} {'m':>4} {'recompute':>9} "
+             f"  {'#':>2} {'tp':>3} {'cp':>3} {'pp':>3} {'v':>3} {'dp':>5} {'mb':>3} {'m':>4} {'recompute':>16} "
              f"{'reshard':>7} {'GB':>6} {'step s':>8} {'TFLOP/s':>8} {'MFU':>6}"]
     for i, r in enumerate(rows, 1):
         lay = r["layout"]
         lines.append(f"  {i:>2} {lay['tp']:>3} {lay['cp']:>3} {lay['pp']:>3} {lay['pp_virtual_stages']:>3} "
                      f"{lay['dp']:>5} {lay['micro_batch']:>3} {lay['micro_batches']:>4} "
-                     f"{lay['activation_checkpoint']:>9} {str(lay['reshard_after_forward']):>7} "
+                     f"{lay['recompute']:>16} {str(lay['reshard_after_forward']):>7} "
                      f"{r['memory_gb']['total']:>6.1f} {r['step_time_s']:>8.3f} {r['tflops_per_gpu']:>8.0f} "
                      f"{r['mfu']:>6.1%}")
     return lines

@@ -7,7 +7,8 @@ Enumerated (gigatron's own rules, core/config.py validate()):
          interleaved schedule when v > 1, 1F1B otherwise
     dp   the rest: gpus / (tp cp pp), which must divide the global batch with the micro-batch
     micro-batch 1, 2, 4 samples; at least pp micro-batches with a pipeline
-    activation checkpointing none / selective / full; reshard_after_forward false / true;
+    activation checkpointing none / selective / full, each but full also mixed with full recompute
+    on every K-th block of a rank (K in FULL_RECOMPUTE_EVERY); reshard_after_forward false / true;
     gradient sync per step or per micro-batch (parallel.grad_sync; pipelines always per step)
 Each candidate gets the memory estimate and the projected step; those that fit are ranked by
 projected step time (equivalently tokens/s per GPU; the batch is fixed). A layout (degrees,
@@ -34,6 +35,15 @@ class Candidate:
 
     def fits(self, gpu: GPU) -> bool:
         return self.memory.total <= gpu.memory_bytes
+
+
+# Layer-wise mixed recompute: full recompute on every K-th block of a rank (parallel.full_recompute_every),
+# K in this small set (0 = off: one policy for every block). 8, 4, 2 make 1/8, 1/4, 1/2 of the blocks
+# full, the steps between selective and full that matter at Llama 3 405B's 8 blocks per rank.
+FULL_RECOMPUTE_EVERY = (0, 8, 4, 2)
+# (activation_checkpoint, full_recompute_every) pairs searched; "full" everywhere needs no K.
+RECOMPUTE_POLICIES = tuple((ac, k) for ac in ("none", "selective", "full") for k in FULL_RECOMPUTE_EVERY
+                           if not (ac == "full" and k))
 
 
 def powers_of_two(limit: int) -> list[int]:
@@ -71,14 +81,15 @@ def candidate_layouts(shape: ModelShape, gpus: int, global_batch: int, gpu: GPU,
                         if pp > 1 and m < pp:
                             continue
                         syncs = ("step",) if pp > 1 or m == 1 else ("step", "micro_batch")
-                        for ac, reshard, sync in itertools.product(("none", "selective", "full"), (False, True),
-                                                                   syncs):
+                        for (ac, every), reshard, sync in itertools.product(RECOMPUTE_POLICIES, (False, True),
+                                                                            syncs):
                             out.append(Layout(tp=tp, cp=cp, pp=pp, dp=dp, sequence_parallel=tp > 1,
                                               pp_virtual_stages=v,
                                               pp_schedule="interleaved_1f1b" if v > 1 else "1f1b",
                                               pp_first_last_fewer_layers=fewer if pp > 1 else 0,
                                               micro_batch=micro_batch, micro_batches=m,
-                                              activation_checkpoint=ac, reshard_after_forward=reshard,
+                                              activation_checkpoint=ac, full_recompute_every=every,
+                                              reshard_after_forward=reshard,
                                               grad_sync=sync))
     return out
 

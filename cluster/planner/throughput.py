@@ -9,7 +9,9 @@ Per micro-batch, on the slowest pipeline rank (t_tokens = micro_batch * seq_len 
                           output (t, H D / tp, d), FFN in (t, d, (m - 1) f / tp), FFN out
                           (t, f / tp, d); forward + 2 backward GEMMs of the same size: 6 M K N
                           FLOPs and 3 x 2 (M K + K N + M N) bytes (an additive roofline: what makes
-                          narrow GEMMs slower); x 4/3 under full recompute; the output projection
+                          narrow GEMMs slower); x 4/3 under full recompute, per block: with mixed
+                          recompute (every K-th block of the rank full) each factor below is the
+                          mean over the rank's blocks of each block's own; the output projection
                           (t, d, V / tp) on the last stage
         GEMM waves        each of a linear's three GEMMs (outputs (t, N), (t, K), (N, K)) runs in
                           ceil(rows / 128) ceil(cols / 256) tiles over the GPU's SMs; its
@@ -55,6 +57,30 @@ from gigatron.cluster.planner.layout import Layout
 from gigatron.cluster.planner.memory import held_elements, local_shape, numel, peak_candidate_ranks, stage_contents
 from gigatron.cluster.planner.model_shape import ModelShape
 from gigatron.parallel.pipeline_split import theoretical_bubble
+
+
+# What recompute adds, per block and by the block's policy (counted from parallel/checkpointing.py;
+# fixed by the code, not fitted, so they live here rather than among the cost model's constants):
+# - GEMMs: forward + 2 backward GEMMs per linear = 6 units of work; full recompute re-runs the
+#   forward (+2 of 6); selective saves every matmul output and keeps the row-parallel projections
+#   as units, so it re-runs no GEMM.
+RECOMPUTE_GEMM_FACTOR = {"full": 8 / 6}
+# - attention: forward 1 + backward 2 = 3 units; full re-runs the forward (+1 of 3); selective keeps
+#   the attention core as a unit (never re-run).
+RECOMPUTE_ATTENTION_FACTOR = {"full": 4 / 3}
+# - elementwise (norms, SwiGLU, RoPE, residual adds): forward 1 + backward 2; both policies re-run the
+#   forward (selective recomputes exactly these cheap ops).
+RECOMPUTE_ELEMENTWISE_FACTOR = {"full": 4 / 3, "selective": 4 / 3}
+# - TP collectives of a block's (tokens, d) activation: 2 all-gathers and 2 reduce-scatters forward,
+#   and their transposes backward = 8; selective re-runs the two sequence-parallel all-gathers of the
+#   norm outputs (+2), full re-runs all four forward collectives (+4): the kept units skip the
+#   reduce-scatters under selective.
+TP_COLLECTIVES_PER_BLOCK = 8
+RECOMPUTE_TP_COLLECTIVES = {"selective": 2, "full": 4}
+# - CP: the K/V all-gather forward and the reduce-scatter of their gradients backward = 2; full
+#   recompute re-runs the all-gather (+1); selective keeps the attention core, the all-gather inside it.
+CP_COLLECTIVES_PER_BLOCK = 2
+RECOMPUTE_CP_COLLECTIVES = {"full": 1}
 
 
 @dataclass
@@ -107,10 +133,13 @@ def micro_batch_costs(shape: ModelShape, layout: Layout, gpu: GPU, pp_rank: int,
     blocks, extra = stage_contents(shape, layout, pp_rank)
     tokens = layout.micro_batch * shape.seq_len / cp
     sp = tp if layout.sequence_parallel and tp > 1 else 1
-    ac = layout.activation_checkpoint
-    gemm_factor = {"full": 8 / 6}.get(ac, 1.0)
-    attention_factor = {"full": 4 / 3}.get(ac, 1.0)
-    elementwise_factor = {"full": 4 / 3, "selective": 4 / 3}.get(ac, 1.0)
+    # recompute: each block's factor by its own policy (layout.block_modes: mixed recompute makes every
+    # K-th block of the rank full), averaged over the rank's blocks
+    modes = layout.block_modes(blocks)
+    mean = lambda table: sum(table.get(mode, 1.0) for mode in modes) / blocks if blocks else 1.0  # noqa: E731
+    gemm_factor = mean(RECOMPUTE_GEMM_FACTOR)
+    attention_factor = mean(RECOMPUTE_ATTENTION_FACTOR)
+    elementwise_factor = mean(RECOMPUTE_ELEMENTWISE_FACTOR)
 
     # GEMMs of one block, (M, K, N) per rank: fused QKV, output projection, fused FFN input(s), FFN output
     q_local = shape.query_dim / tp
@@ -161,15 +190,15 @@ def micro_batch_costs(shape: ModelShape, layout: Layout, gpu: GPU, pp_rank: int,
     # per-layer collectives
     tp_time = cp_time = 0.0
     if tp > 1:
-        count = 8 + {"selective": 2, "full": 4}.get(ac, 0)
+        count = sum(TP_COLLECTIVES_PER_BLOCK + RECOMPUTE_TP_COLLECTIVES.get(mode, 0) for mode in modes)
         message = a * tokens * shape.dim
-        tp_time = blocks * count * (tp - 1) / tp * message / _link(tp, gpu, c)
+        tp_time = count * (tp - 1) / tp * message / _link(tp, gpu, c)
     cp_overlap = c.layer_collective_overlap
     if cp > 1:
         kv_local = shape.kv_dim / tp if shape.n_kv_heads >= tp else shape.kv_dim
-        count = 2 + (1 if ac == "full" else 0)
+        count = sum(CP_COLLECTIVES_PER_BLOCK + RECOMPUTE_CP_COLLECTIVES.get(mode, 0) for mode in modes)
         message = a * layout.micro_batch * shape.seq_len * 2 * kv_local
-        cp_time = blocks * count * (cp - 1) / cp * message / _link(tp * cp, gpu, c)
+        cp_time = count * (cp - 1) / cp * message / _link(tp * cp, gpu, c)
         if shape.causal:  # gigatron's cp_mode "auto": the all-gather when causal, on the critical path
             cp_overlap = c.cp_allgather_overlap
     layer_comm = (1 - c.layer_collective_overlap) * tp_time + (1 - cp_overlap) * cp_time

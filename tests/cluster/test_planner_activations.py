@@ -17,28 +17,36 @@ from gigatron.cluster.planner.model_shape import ModelShape
 TOLERANCE = 0.15
 
 
-def run_block_as_the_engine_does(block, mode: str, tp: int, sp: bool, shape: ModelShape, *inputs):
-    """One block's forward under the engine's own activation checkpointing (parallel/checkpointing.py
-    apply_ac with the Llama plan: under tp > 1 selective keeps the row-parallel projections as units)."""
+def run_block_as_the_engine_does(block, mode: str, tp: int, sp: bool, shape: ModelShape, *inputs, every: int = 0):
+    """One block's forward (or a stack's: `block` a list, each fed the previous output) under the
+    engine's own activation checkpointing (parallel/checkpointing.py apply_ac with the Llama plan:
+    under tp > 1 selective keeps the row-parallel projections as units; with every = K > 0 the
+    blocks at positions 0, K, 2K, ... run full recompute)."""
     from types import SimpleNamespace
 
     from gigatron.core.family import get_family
     from gigatron.parallel.checkpointing import apply_ac
 
+    blocks = block if isinstance(block, list) else [block]
     holder = torch.nn.Module()
-    holder.layers = torch.nn.ModuleDict({"0": block})
+    holder.layers = torch.nn.ModuleDict({str(i): b for i, b in enumerate(blocks)})
     cfg = SimpleNamespace(model=SimpleNamespace(n_kv_heads=shape.n_kv_heads, head_dim=shape.head_size),
-                          parallel=SimpleNamespace(activation_checkpoint=mode, tp=tp, sequence_parallel=sp))
+                          parallel=SimpleNamespace(activation_checkpoint=mode, tp=tp, sequence_parallel=sp,
+                                                   full_recompute_every=every))
     apply_ac(holder, None, cfg, get_family("llama3").plan)
-    return block(*inputs)
+    x, rest = inputs[0], inputs[1:]
+    for b in blocks:
+        x = b(x, *rest)
+    return x
 
 
-def measured_block_activation_bytes(shape: ModelShape, tp: int, tokens: int, mode: str) -> float:
-    """Bytes MemTracker attributes to activations after one block's forward, minus the block's
-    output (alive only until the next block consumes it). The block's projections are replaced by
-    their tensor-parallel rank's pieces (H/tp query heads, Hkv/tp key/value heads, ffn/tp), which
-    is what one rank computes without sequence parallelism: the block reads its head counts from
-    the projection outputs (core/models/llama.py)."""
+def measured_block_activation_bytes(shape: ModelShape, tp: int, tokens: int, mode: str, n_blocks: int = 1,
+                                    every: int = 0) -> float:
+    """Bytes MemTracker attributes to activations after one block's forward (or a stack of
+    `n_blocks`), minus the last block's output (alive only until the next block consumes it). The
+    block's projections are replaced by their tensor-parallel rank's pieces (H/tp query heads, Hkv/tp
+    key/value heads, ffn/tp), which is what one rank computes without sequence parallelism: the block
+    reads its head counts from the projection outputs (core/models/llama.py)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -54,15 +62,18 @@ def measured_block_activation_bytes(shape: ModelShape, tp: int, tokens: int, mod
         default = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)  # bf16 weights, as on GPU
         try:
-            block = TransformerBlock(cfg)
-            attention, ffn = block.attention, block.feed_forward
-            attention.wq = torch.nn.Linear(dim, q_local, bias=False)
-            attention.wk = torch.nn.Linear(dim, kv_local, bias=False)
-            attention.wv = torch.nn.Linear(dim, kv_local, bias=False)
-            attention.wo = torch.nn.Linear(q_local, dim, bias=False)
-            ffn.w1 = torch.nn.Linear(dim, f_local, bias=False)
-            ffn.w3 = torch.nn.Linear(dim, f_local, bias=False)
-            ffn.w2 = torch.nn.Linear(f_local, dim, bias=False)
+            blocks = []
+            for _ in range(n_blocks):
+                block = TransformerBlock(cfg)
+                attention, ffn = block.attention, block.feed_forward
+                attention.wq = torch.nn.Linear(dim, q_local, bias=False)
+                attention.wk = torch.nn.Linear(dim, kv_local, bias=False)
+                attention.wv = torch.nn.Linear(dim, kv_local, bias=False)
+                attention.wo = torch.nn.Linear(q_local, dim, bias=False)
+                ffn.w1 = torch.nn.Linear(dim, f_local, bias=False)
+                ffn.w3 = torch.nn.Linear(dim, f_local, bias=False)
+                ffn.w2 = torch.nn.Linear(f_local, dim, bias=False)
+                blocks.append(block)
         finally:
             torch.set_default_dtype(default)
         x = torch.randn(1, tokens, dim, dtype=torch.bfloat16, requires_grad=True)
@@ -70,9 +81,11 @@ def measured_block_activation_bytes(shape: ModelShape, tp: int, tokens: int, mod
         angles = torch.cat([angles, angles], -1)
         cos, sin, positions = angles.cos(), angles.sin(), torch.arange(tokens)
         tracker = MemTracker()
-        tracker.track_external(block)
+        for block in blocks:
+            tracker.track_external(block)
         with tracker:
-            y = run_block_as_the_engine_does(block, mode, tp, False, shape, x, cos, sin, positions, None)
+            y = run_block_as_the_engine_does(blocks if n_blocks > 1 else blocks[0], mode, tp, False, shape,
+                                             x, cos, sin, positions, None, every=every)
             snapshot = tracker.get_tracker_snapshot("current")
         activations = sum(v for dev in snapshot.values() for k, v in dev.items() if "ACT" in str(k))
         return activations - y.numel() * y.element_size()
@@ -95,6 +108,27 @@ def test_activation_bytes_match_memtracker(label, shape, tp, mode):
     print(f"{label} {mode}: planned {planned / 2**20:.1f} MiB, MemTracker {measured / 2**20:.1f} MiB, "
           f"error {error:+.1%}")
     assert abs(error) <= TOLERANCE, (label, mode, planned, measured)
+
+
+@pytest.mark.parametrize("label,shape,tp", CASES, ids=[c[0] for c in CASES])
+def test_mixed_recompute_activation_bytes_match_memtracker(label, shape, tp):
+    """Layer-wise mixed recompute on a stack of 4 blocks with K = 2 (blocks 0 and 2 full, 1 and 3
+    selective): the planner's count lies strictly between all-selective and all-full, and is within
+    15% of what MemTracker measures for the 4 blocks run by the engine's apply_ac."""
+    from gigatron.cluster.planner.memory import blocks_activation_bytes_per_token
+
+    layout = Layout(tp=tp, sequence_parallel=False, activation_checkpoint="selective", full_recompute_every=2)
+    modes = layout.block_modes(4)
+    assert modes == ["full", "selective", "full", "selective"]
+    planned = blocks_activation_bytes_per_token(shape, layout, modes) * shape.seq_len
+    selective = 4 * activation_bytes_per_token(shape, layout, "selective") * shape.seq_len
+    full = 4 * activation_bytes_per_token(shape, layout, "full") * shape.seq_len
+    assert full < planned < selective
+    measured = measured_block_activation_bytes(shape, tp, shape.seq_len, "selective", n_blocks=4, every=2)
+    error = planned / measured - 1
+    print(f"{label} selective+full/2 x 4 blocks: planned {planned / 2**20:.1f} MiB (selective {selective / 2**20:.1f},"
+          f" full {full / 2**20:.1f}), MemTracker {measured / 2**20:.1f} MiB, error {error:+.1%}")
+    assert abs(error) <= TOLERANCE, (label, planned, measured)
 
 
 @pytest.fixture(scope="module")
