@@ -11,7 +11,12 @@ no Gaussian source and no cross-attention, as plain single-device PyTorch.
 - The flow: x_t = t x1 + (1 - (1 - sigma_min) t) z0 and its velocity x1 - (1 - sigma_min) z0 (the
   same path as Movie Gen's, with z0 in place of noise, core/objectives/flow_matching.py); the target
   depends on the encoder, so the flow loss trains it too. The model computes both from the image
-  latent x1 and eps, and returns (prediction, target, kl), each (B, N, P) for the local tokens.
+  latent x1 and eps, and returns (prediction, target, kl, mu), each (B, N, P) for the local tokens.
+- The encoder's own loss (model.align_weight): mu regressed on the paired image latent, (mu - x1)^2
+  per element. The paper trains its encoder with a contrastive loss against the image (better than
+  text reconstruction, by its ablation); a regression needs no negatives, so it is per sample and the
+  same in every layout. Without it (and with a small KL weight) the tiny debug model let sigma
+  collapse and ignored the caption: a point source already makes the flow nearly exact.
 - The velocity model is Movie Gen's transformer without cross-attention (core/models/moviegen.py's
   self-attention, SwiGLU, RMSNorm, adaLN-single, factorized positions, the shared patch embedding).
 - Classifier-free guidance through the indicator: a learned embedding of 1 (conditional) or 0
@@ -51,7 +56,8 @@ class CrossFlowConfig(MovieGenConfig):
 
     name: Literal["crossflow"] = "crossflow"   # the model family (core/family.py)
     text_layers: int = 4                  # transformer blocks of the variational text encoder
-    kl_weight: float = 1e-3               # beta: loss = flow + beta * KL (per element, both averaged by the same count)
+    kl_weight: float = 1e-3               # beta: loss = flow + beta * KL + align_weight * align (per element, one count)
+    align_weight: float = 0.0             # the encoder's own loss: (mu - x1)^2, the text latent's mean regressed on its image
     logvar_min: float = -30.0             # the log-variance is clamped to [min, max] (as Stable Diffusion's VAE)
     logvar_max: float = 20.0
     max_latent_frames: int = 1
@@ -177,7 +183,7 @@ class CrossFlow(nn.Module):
         """x1 (B, N, P) image-latent tokens, eps (B, N, P) the reparameterisation noise, t (B,),
         indicator (B,) int64, grid_positions (B, N, 3), text (B, L, text_dim), text_lengths (B,);
         positions (N,) the global positions of the local tokens (context parallel), segment_ids (B, N)
-        or None. Returns (prediction, target, kl), each (B, N, P)."""
+        or None. Returns (prediction, target, kl, mu), each (B, N, P)."""
         mu, logvar = self.encode(text, text_lengths)  # (B, N_all, P): every cp rank encodes the whole prompt
         if positions is not None:  # this cp rank's tokens (padding past the grid reads the last; the loss masks it)
             index = positions.clamp(max=mu.shape[1] - 1)
@@ -188,4 +194,4 @@ class CrossFlow(nn.Module):
         x_t = tb * x1 + (1 - (1 - sigma_min) * tb) * z0
         target = x1 - (1 - sigma_min) * z0
         kl = 0.5 * (mu * mu + logvar.exp() - 1.0 - logvar)
-        return self.velocity(x_t, t, indicator, grid_positions, positions, segment_ids), target, kl
+        return self.velocity(x_t, t, indicator, grid_positions, positions, segment_ids), target, kl, mu

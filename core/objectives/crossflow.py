@@ -6,10 +6,11 @@ logit-normal, and whether the row is unconditional (the share model.text_dropout
 replaced by the empty prompt and its indicator is 0). All are drawn in `prepare` from the
 layout-invariant generator keyed by the sample (flow matching's `draw`, whose noise is eps here),
 before context parallelism splits the tokens. The model (core/models/crossflow.py) encodes the
-prompt, forms z0 = mu + sigma eps, x_t and the target velocity, and returns (prediction, target, kl):
+prompt, forms z0 = mu + sigma eps, x_t and the target velocity, and returns (prediction, target, kl, mu):
 
-    loss = sum over real tokens and features of (prediction - target)^2 + kl_weight * kl;
-    count = their number (the KL of each latent element is counted once, on the rank holding it)
+    loss = sum over real tokens and features of
+           (prediction - target)^2 + kl_weight * kl + align_weight * (mu - x1)^2;
+    count = their number (each latent element's KL and alignment counted once, on the rank holding it)
 """
 
 from __future__ import annotations
@@ -49,19 +50,17 @@ class CrossFlowObjective(FlowMatchingObjective):
         tokens = real.sum() if real is not None else torch.tensor(x1.shape[0] * x1.shape[1])
         return tokens * x1.shape[-1]
 
-    def _terms(self, output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        prediction, target, kl = output
-        err, kl = (prediction.float() - target.float()) ** 2, kl.float()  # (B, N, P)
+    def _terms(self, output, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sums over this rank's real tokens and features of the flow error, the KL and the alignment error."""
+        prediction, target, kl, mu = output
+        terms = [(prediction.float() - target.float()) ** 2, kl.float(), (mu.float() - batch["x1"].float()) ** 2]
         real = self._real(batch)
-        if real is not None:
-            err, kl = err * real, kl * real
-        return err.sum(), kl.sum()
+        return tuple((x * real).sum() if real is not None else x.sum() for x in terms)
 
     def loss(self, output, batch: dict, model=None) -> torch.Tensor:
-        flow, kl = self._terms(output, batch)
-        return flow + self.m.kl_weight * kl
+        flow, kl, align = self._terms(output, batch)
+        return flow + self.m.kl_weight * kl + self.m.align_weight * align
 
     def metrics(self, output, batch: dict) -> dict:
-        flow, kl = self._terms(output, batch)
         n = self.count(batch).float()
-        return {"flow": (flow.detach(), n), "kl": (kl.detach(), n)}
+        return {name: (x.detach(), n) for name, x in zip(("flow", "kl", "align"), self._terms(output, batch))}

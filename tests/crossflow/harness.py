@@ -13,7 +13,7 @@ RECIPE = os.path.join(ROOT, "recipes/crossflow_debug.yaml")
 # at step 1 with a 0.02-std head: x 30 it is ~0.3% of the loss)
 SMALL = ["model.dim=32", "model.n_heads=4", "model.ffn_dim=64", "model.n_layers=2", "model.text_layers=1",
          "model.text_dim=16", "model.time_dim=32", "model.zero_init=false", "model.text_dropout=0.25",
-         "model.kl_weight=30", "train.global_batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=1",
+         "model.kl_weight=30", "model.align_weight=0.5", "train.global_batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=1",
          "train.lr=1e-3", "train.dtype=float32", "train.ema_decay=0", "data.shuffle_buffer=8",
          "checkpoint.interval=0", "run.progress=false", "run.tensorboard=false"]
 

@@ -34,8 +34,9 @@ def _inputs(B=3, N=4, P=12, L=6):
 
 def test_kl_matches_torch_distributions_and_the_path_its_formula():
     model, x = _model(), _inputs()
-    pred, target, kl = model(**x)
+    pred, target, kl, mu_out = model(**x)
     mu, logvar = model.encode(x["text"], x["text_lengths"])
+    torch.testing.assert_close(mu_out, mu)
     q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
     ref = torch.distributions.kl_divergence(q, torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu)))
     torch.testing.assert_close(kl, ref, rtol=1e-5, atol=1e-6)
@@ -67,11 +68,12 @@ def test_cp_slicing_keeps_each_tokens_latent():
     """With `positions` (a cp rank's tokens) the source, target and KL are those of the full grid's tokens
     at those positions (the velocity differs: attention sees only the local tokens without CP's swap)."""
     model, x = _model(), _inputs()
-    _, target, kl = model(**x)
+    _, target, kl, mu = model(**x)
     pos = torch.tensor([3, 1])
     local = dict(x, x1=x["x1"][:, pos], eps=x["eps"][:, pos], grid_positions=x["grid_positions"][:, pos])
-    _, t2, kl2 = model(**local, positions=pos)
+    _, t2, kl2, mu2 = model(**local, positions=pos)
     torch.testing.assert_close(t2, target[:, pos])
+    torch.testing.assert_close(mu2, mu[:, pos])
     torch.testing.assert_close(kl2, kl[:, pos])
 
 
@@ -86,7 +88,7 @@ def test_zero_init_starts_from_flow_matchings_gaussian():
     model = CrossFlow(cfg)
     init_weights(model, family, SimpleNamespace(model=cfg), seed=0)
     x = _inputs()
-    _, target, kl = model(**x)
+    _, target, kl, _ = model(**x)
     torch.testing.assert_close(target, x["x1"] - (1 - cfg.sigma_min) * x["eps"])  # z0 = eps: mu 0, sigma 1
     assert kl.abs().max() == 0
 
@@ -96,7 +98,7 @@ def test_objective_draws_are_keyed_by_sample():
 
     from gigatron.core.objectives.crossflow import CrossFlowObjective
 
-    m = CrossFlowConfig(**{**CFG, "text_dropout": 0.5})
+    m = CrossFlowConfig(**{**CFG, "text_dropout": 0.5, "align_weight": 0.5})
     obj = CrossFlowObjective(SimpleNamespace(model=m, train=SimpleNamespace(seed=3)))
     g = torch.Generator().manual_seed(0)
     batch = {"images": torch.randn(6, 3, 16, 16, generator=g), "text_embeddings": torch.randn(6, 5, 8, generator=g),
@@ -111,8 +113,9 @@ def test_objective_draws_are_keyed_by_sample():
     assert (whole["text_lengths"][dropped] == 1).all() and (whole["text"][dropped] == 0).all()
     assert torch.equal(whole["text"][~dropped], batch["text_embeddings"][~dropped])
     assert obj.count(whole) == 6 * 4 * 12
-    loss = obj.loss((whole["x1"] + 1, whole["x1"], torch.full_like(whole["x1"], 2.0)), whole)
-    assert math.isclose(loss.item(), 6 * 4 * 12 * (1 + m.kl_weight * 2.0), rel_tol=1e-6)
+    x1 = whole["x1"]
+    loss = obj.loss((x1 + 1, x1, torch.full_like(x1, 2.0), x1 - 3), whole)  # flow 1, KL 2, align 9 per element
+    assert math.isclose(loss.item(), 6 * 4 * 12 * (1 + m.kl_weight * 2.0 + 0.5 * 9.0), rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("override, key", [(["data.image_size=16"], "data.image_size"),
