@@ -36,7 +36,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ._select import finish, interpret_mode, kernels, next_pow2, select_impl
+from ._select import interpret_mode, kernels, next_pow2, select_impl
 
 __all__ = ["chunked_cross_entropy", "cross_entropy_full_reference", "ChunkedCrossEntropyFunction",
            "default_chunk_size"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from gigatron.cluster.planner.hardware import COST_MODEL, CostModel, gpu, with_constants
+from gigatron.cluster.planner.hardware import COST_MODEL, CostModel, gpu
 from gigatron.cluster.planner.published import LLAMA3_405B, MEGATRON_WEAK_SCALING, PublishedRun
 from gigatron.cluster.planner.throughput import project
 

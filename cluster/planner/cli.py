@@ -16,7 +16,7 @@ from gigatron.cluster.planner.hardware import COST_MODEL, GPUS, gpu as gpu_kind
 from gigatron.cluster.planner.layout import Layout, layout_from_config
 from gigatron.cluster.planner.memory import estimate_memory
 from gigatron.cluster.planner.model_shape import ModelShape, model_shape
-from gigatron.cluster.planner.search import Candidate, search
+from gigatron.cluster.planner.search import search
 from gigatron.cluster.planner.throughput import project
 
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import nn
 
 from gigatron.core.models.patch_embed import PatchEmbed
 from gigatron.core.models.vit import ViT, ViTConfig

@@ -5,7 +5,6 @@ temporary directory) is not blank and shows the plots' colours. Install on Debia
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess

@@ -9,7 +9,6 @@ WebDataset shards) and the streaming webdataset reader.
   the MAE decoder is left behind and the classifier starts fresh.
 """
 
-import os
 
 import numpy as np
 import pytest
