@@ -1,4 +1,4 @@
-"""`gigatron prepare-videos SRC OUT [--frames F] [--resize S] [--store frames|clip] [--vp9]`: clips -> shards.
+"""`gigatron prepare-videos SRC OUT [--frames F] [--resize S] [--store frames|clip] [--vp9] [--reverse-labels]`: clips -> shards.
 
 SRC is a folder of videos (any container / codec PyAV decodes: the offline clips are H.264), or a
 folder tree SRC/<class>/<video> (the class becomes .cls). Each video is decoded with PyAV and cut
@@ -12,6 +12,12 @@ sample holds:
                  computed from the caption by --text-encoder SPEC (data_pipeline/text_encoder.py: the
                  frozen stand-in for Movie Gen's text encoders, precomputed here, outside training)
     cls          the class index, for a folder tree
+With --reverse-labels (the arrow-of-time task: forwards or backwards?) every clip is written twice,
+consecutively: frames in order with cls 0 ("forwards"), then the same frames reversed with cls 1
+("backwards"), the reversed copy's key one after the forward one's. Only a flat folder of videos is
+accepted (the two labels replace the folder classes), and the shard size must be even so a clip
+and its reverse always land in the same shard: holding out shards, or another folder of videos,
+never puts a clip in one split and its reverse in the other.
 With --vp9 every clip is also re-encoded as VP9 (OUT/vp9/<key>.webm) with OUT/vp9/file_list.txt
 ("path label" lines), because DALI's CPU video reader decodes VP9 only. Every clip is validated
 (decodes, has F frames, sidecars are well-formed); refused clips are listed in refused.jsonl.
@@ -94,7 +100,7 @@ def _sidecars(path: str) -> tuple[str, np.ndarray | None]:
 
 def prepare_videos(src: str, out: str, frames: int = 8, resize: int = 0, shard_size: int = 100, store: str = "frames",
                    vp9: bool = False, max_clips: int = 0, progress: bool = True, text_encoder: str = "",
-                   text_tokens: int = 64) -> dict:
+                   text_tokens: int = 64, reverse_labels: bool = False) -> dict:
     """Write the clip shards; returns the summary also written to OUT/dataset.json."""
     from tqdm import tqdm
 
@@ -113,6 +119,14 @@ def prepare_videos(src: str, out: str, frames: int = 8, resize: int = 0, shard_s
     classes, videos = _videos(src)
     if not videos:
         raise ValueError(f"{src} holds no video ({', '.join(VIDEO_FILES)})")
+    if reverse_labels:
+        if classes:
+            raise ValueError(f"--reverse-labels labels clips forwards (0) / backwards (1): give a flat folder of "
+                             f"videos, not the class folders {classes}")
+        if shard_size % 2:
+            raise ValueError(f"--reverse-labels needs an even --shard-size (a clip and its reverse share a shard), "
+                             f"got {shard_size}")
+        classes = ["forwards", "backwards"]
     os.makedirs(out, exist_ok=True)
     vp9_dir = os.path.join(out, "vp9")
     if vp9:
@@ -132,19 +146,23 @@ def prepare_videos(src: str, out: str, frames: int = 8, resize: int = 0, shard_s
                     if len(buffer) < frames:
                         continue
                     clip = np.stack(buffer)  # (F, H, W, 3) uint8
-                    buffer, key = [], f"{writer.samples:09d}"
-                    members = {"txt": caption.encode()}
-                    members["frames.npy" if store == "frames" else "mp4"] = npy_bytes(clip) if store == "frames" else encode_clip(clip)
-                    if embedding is not None:
-                        members["emb.npy"] = npy_bytes(embedding)
-                    if label is not None:
-                        members["cls"] = str(label).encode()
-                    writer.write(key, members)
-                    if vp9:
-                        webm = os.path.join(vp9_dir, key + ".webm")
-                        with open(webm, "wb") as f:
-                            f.write(encode_clip(clip, "libvpx-vp9", "webm"))
-                        file_list.append(f"{webm} {label if label is not None else 0}")
+                    buffer = []
+                    versions = [(clip, label)] if not reverse_labels else [(clip, 0), (clip[::-1].copy(), 1)]
+                    for frames_, label_ in versions:
+                        key = f"{writer.samples:09d}"
+                        members = {"txt": caption.encode()}
+                        members["frames.npy" if store == "frames" else "mp4"] = \
+                            npy_bytes(frames_) if store == "frames" else encode_clip(frames_)
+                        if embedding is not None:
+                            members["emb.npy"] = npy_bytes(embedding)
+                        if label_ is not None:
+                            members["cls"] = str(label_).encode()
+                        writer.write(key, members)
+                        if vp9:
+                            webm = os.path.join(vp9_dir, key + ".webm")
+                            with open(webm, "wb") as f:
+                                f.write(encode_clip(frames_, "libvpx-vp9", "webm"))
+                            file_list.append(f"{webm} {label_ if label_ is not None else 0}")
                     clips += 1
                 if clips == 0:
                     raise ValueError(f"fewer than {frames} decodable frames")
@@ -157,7 +175,7 @@ def prepare_videos(src: str, out: str, frames: int = 8, resize: int = 0, shard_s
             f.write("".join(line + "\n" for line in file_list))
     summary = {"path": writer.pattern, "samples": writer.samples, "shards": len(writer.shards), "refused": refused,
                "classes": classes, "frames": frames, "resize": resize, "store": store, "text_encoder": text_encoder,
-               "vp9_file_list": os.path.join(vp9_dir, "file_list.txt") if vp9 else ""}
+               "vp9_file_list": os.path.join(vp9_dir, "file_list.txt") if vp9 else "", "reverse_labels": reverse_labels}
     with open(os.path.join(out, "dataset.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -177,11 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-encoder", default="", metavar="SPEC",
                         help="embed captions without an emb.npy sidecar: llama-bytes:DIM or a gigatron Llama checkpoint")
     parser.add_argument("--text-tokens", type=int, default=64, help="longest prompt in tokens (default 64)")
+    parser.add_argument("--reverse-labels", action="store_true",
+                        help="arrow of time: write each clip forwards (cls 0) and reversed (cls 1), side by side")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         summary = prepare_videos(args.src, args.out, args.frames, args.resize, args.shard_size, args.store, args.vp9,
-                                 args.max_clips, not args.no_progress, args.text_encoder, args.text_tokens)
+                                 args.max_clips, not args.no_progress, args.text_encoder, args.text_tokens,
+                                 args.reverse_labels)
     except (ValueError, OSError) as err:
         print(f"prepare-videos: error: {err}", file=sys.stderr)
         return 1
