@@ -14,7 +14,7 @@
 Writes benchmarks/results/bench_crossflow.json, crossflow_samples.png (one row per caption, samples
 without and with guidance) and crossflow_interpolation.png (caption latents mixed in equal steps).
 
-    python benchmarks/bench_crossflow.py [--steps 2000] [--per-class 50] [--guidance 2 4]
+    python benchmarks/bench_crossflow.py [--steps 2000] [--per-class 50] [--guidance 1.5 2 3] [--reuse]
 """
 
 from __future__ import annotations
@@ -123,14 +123,15 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2000, help="CrossFlow training steps")
     parser.add_argument("--judge-steps", type=int, default=800, help="classifier training steps (conv stem)")
     parser.add_argument("--per-class", type=int, default=50, help="samples per caption")
-    parser.add_argument("--guidance", type=float, nargs="+", default=[2.0, 4.0])
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.5, 2.0, 3.0])
     parser.add_argument("--sampler-steps", type=int, default=50)
     parser.add_argument("--set", action="append", default=[], help="recipe override for CrossFlow (repeatable)")
+    parser.add_argument("--reuse", action="store_true", help="score the run a previous call trained (no training)")
     args = parser.parse_args()
 
     from bench_vit_common import load_model
 
-    from gigatron.core.families.crossflow import flow, generate, source_latents
+    from gigatron.core.families.crossflow import flow, generate, sources
     from gigatron.core.sample import encode_prompts, load_model as load_crossflow, save_grid, to_uint8
 
     started = time.time()
@@ -141,9 +142,14 @@ def main() -> int:
 
     run = os.path.join(RUNS, "crossflow")
     t0 = time.time()
-    rows = train("recipes/crossflow_debug.yaml", [f"data.path={data}/{SHARDS}", f"train.steps={args.steps}",
-                                                  f"checkpoint.interval={args.steps}", *args.set], run, nproc=2)
-    train_s = time.time() - t0
+    if args.reuse and checkpoints(os.path.join(run, "checkpoints")):  # score the trained run again (sampler changes)
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        train_s = sum(r.get("step_time_s", 0.0) for r in rows)
+    else:
+        rows = train("recipes/crossflow_debug.yaml", [f"data.path={data}/{SHARDS}", f"train.steps={args.steps}",
+                                                      f"checkpoint.interval={args.steps}", *args.set], run, nproc=2)
+        train_s = time.time() - t0
     losses = [r["loss"] for r in rows if "loss" in r]
     print(f"crossflow: {len(losses)} steps in {train_s:.0f} s, loss {np.mean(losses[:20]):.4f} (first 20) -> "
           f"{np.mean(losses[-50:]):.4f} (last 50)", flush=True)
@@ -190,14 +196,14 @@ def main() -> int:
     mix = torch.stack([1 - alphas, alphas], dim=1)
     frames = []
     for a, b in pairs:
-        z0 = source_latents(model, text[[a, b]], lengths[[a, b]], mix=mix)
-        frames.append(to_uint8(flow(model, z0, best, args.sampler_steps), m)[:, 0])
+        frames.append(to_uint8(flow(model, *sources(model, text[[a, b]], lengths[[a, b]], mix=mix), best,
+                                    args.sampler_steps), m)[:, 0])
     save_grid(frames, os.path.join(OUT, "crossflow_interpolation.png"),
               labels=[f"{WORDS[a]} -> {WORDS[b]}" for a, b in pairs])
 
     none = results[0]["recognised"]
     out = {"benchmark": "bench_crossflow", "date": time.strftime("%Y-%m-%d"), "recipe": "recipes/crossflow_debug.yaml",
-           "overrides": args.set, "steps": args.steps, "train_s": round(train_s, 1),
+           "overrides": args.set, "steps": args.steps, "reused_run": args.reuse, "train_s": round(train_s, 1),
            "loss_first_20": float(np.mean(losses[:20])), "loss_last_50": float(np.mean(losses[-50:])),
            "judge": {"recipe": "recipes/vit_debug_swag.yaml", "stem": "conv", "steps": args.judge_steps,
                      "heldout_accuracy": judge_accuracy, "target": 0.95},

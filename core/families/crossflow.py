@@ -7,7 +7,8 @@ its objective (core/objectives/crossflow.py), Movie Gen's pieces for the rest.
 - FLOPs: the blocks (self-attention with its sequence term, SwiGLU), the text encoder over
   model.text_tokens tokens (run whole on every cp rank), the patch projection and the output head.
 - `gigatron sample RUN --prompt ...`: z0 drawn from each prompt's text latent, Euler steps of the
-  guided flow (uncond + w (cond - uncond), the indicator 0 / 1 in one batched pass) -> samples.png
+  guided flow (the indicator 0 / 1 in one batched pass, the unconditional branch on the empty
+  prompt's source: `flow`) -> samples.png
   (one row of samples per prompt) and, with two prompts or more, interpolation.png: the first two
   prompts' latent means mixed in equal steps, each flowed to an image.
 """
@@ -131,23 +132,31 @@ def _objective(cfg, mesh):
 
 
 # -- sampling -------------------------------------------------------------------------------------
-def source_latents(model, text, lengths, seed: int = 0, mix: torch.Tensor | None = None) -> torch.Tensor:
-    """z0 tokens (B, N, P): each prompt's mean plus sigma times noise from the layout-invariant generator
-    (stream "crossflow_sample", one per row). `mix` (B, 2) weights: row i takes mix[i, 0] mu_0 +
-    mix[i, 1] mu_1 of the first two prompts, with no noise (the interpolation)."""
+def sources(model, text, lengths, seed: int = 0, mix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z0, z0 of the empty prompt), tokens (B, N, P) each: every prompt's mean plus sigma times noise from
+    the layout-invariant generator (stream "crossflow_sample", one per row), and the empty prompt's latent
+    with the SAME noise (the unconditional branch's source for guidance). `mix` (B, 2) weights: row i
+    takes mix[i, 0] mu_0 + mix[i, 1] mu_1 of the first two prompts, with no noise (the interpolation)."""
     mu, logvar = model.encode(text, lengths)
+    empty_mu, empty_logvar = model.encode(torch.zeros_like(text[:1, :1]), torch.ones_like(lengths[:1]))
     if mix is not None:
-        return mix[:, :1, None] * mu[:1] + mix[:, 1:, None] * mu[1:2]
+        return mix[:, :1, None] * mu[:1] + mix[:, 1:, None] * mu[1:2], empty_mu.expand(mix.shape[0], -1, -1)
     n = mu[0].numel()
     eps = rng.normal(rng.stream_key("crossflow_sample", seed),
                      torch.arange(mu.shape[0])[:, None] * n + torch.arange(n)[None]).view_as(mu)
-    return mu + torch.exp(0.5 * logvar) * eps
+    return mu + torch.exp(0.5 * logvar) * eps, empty_mu + torch.exp(0.5 * empty_logvar) * eps
 
 
 @torch.no_grad()
-def flow(model, z0: torch.Tensor, guidance: float = 1.0, steps: int = 50) -> torch.Tensor:
+def flow(model, z0: torch.Tensor, z0_empty: torch.Tensor, guidance: float = 1.0, steps: int = 50) -> torch.Tensor:
     """Euler steps of the (guided) flow from z0 (B, N, P) at t = 0 to t = 1 on uniform times; returns the
-    image latent (B, C, 1, H', W')."""
+    image latent (B, C, 1, H', W').
+
+    Guidance: the unconditional branch (indicator 0) was trained from the empty prompt's latent, so it
+    runs on its own source: at the point x_u = x + (1 - t)(z0_empty - z0) of the same image and noise.
+    The two branches' predicted images, x1 = x + (1 - t) v, are mixed, x1_u + w (x1_c - x1_u), which
+    gives v = v_c + (w - 1)(v_c - v_u - (z0_empty - z0)). (Evaluated at x itself the unconditional
+    branch sees the conditional source region and copies the conditional velocity: no guidance.)"""
     m = model.cfg
     grid = grid_of((1, m.latent_channels) + m.latent_shape[1:], m.patch)
     from gigatron.core.objectives.flow_matching import grid_positions
@@ -155,21 +164,25 @@ def flow(model, z0: torch.Tensor, guidance: float = 1.0, steps: int = 50) -> tor
     B = z0.shape[0]
     pos = grid_positions(grid, B)
     ones, zeros = torch.ones(B, dtype=torch.int64), torch.zeros(B, dtype=torch.int64)
+    shift = z0_empty - z0
     x = z0.clone()
     for i in range(steps):
         t = torch.full((B,), i / steps)
         if guidance == 1.0:
             v = model.velocity(x, t, ones, pos)
         else:
-            both = model.velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ones, zeros]), torch.cat([pos, pos]))
-            v = both[B:] + guidance * (both[:B] - both[B:])
+            x_u = x + (1 - i / steps) * shift
+            both = model.velocity(torch.cat([x, x_u]), torch.cat([t, t]), torch.cat([ones, zeros]),
+                                  torch.cat([pos, pos]))
+            v_c, v_u = both[:B], both[B:]
+            v = v_c + (guidance - 1) * (v_c - v_u - shift)
         x = x + v / steps
     return unpatchify(x, grid, m.patch, m.latent_channels)
 
 
 def generate(model, text, lengths, seed: int = 0, guidance: float = 1.0, steps: int = 50) -> torch.Tensor:
     """Image latents (B, C, 1, H', W') for the prompts (one sample each)."""
-    return flow(model, source_latents(model, text, lengths, seed), guidance, steps)
+    return flow(model, *sources(model, text, lengths, seed), guidance, steps)
 
 
 def sample(args, ckpt: str, config: dict) -> str:
@@ -189,8 +202,7 @@ def sample(args, ckpt: str, config: dict) -> str:
     if len(args.prompt) >= 2:
         alphas = torch.linspace(0, 1, columns)
         mix = torch.stack([1 - alphas, alphas], dim=1)
-        z0 = source_latents(model, text[:2], lengths[:2], mix=mix)
-        frames = to_uint8(flow(model, z0, args.guidance, args.steps), m)[:, 0]
+        frames = to_uint8(flow(model, *sources(model, text[:2], lengths[:2], mix=mix), args.guidance, args.steps), m)[:, 0]
         save_grid([frames], os.path.join(args.out, "interpolation.png"),
                   labels=[f"{args.prompt[0]} -> {args.prompt[1]}"])
         line += f", interpolation.png ({args.prompt[0]!r} -> {args.prompt[1]!r}, {columns} steps)"

@@ -133,3 +133,26 @@ def test_recipe_checks_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(recipe, override, world_size=3 if key == "parallel.tp" else 1)
     assert key in str(err.value)
+
+
+def test_guidance_mixes_the_branches_predicted_images_each_on_its_own_source():
+    """One Euler step from t = 0 (a step of 1 reaches the predicted image): the guided result is
+    x1_u + w (x1_c - x1_u), x1_c = z0 + v_c(z0, 1) and x1_u = z0_empty + v_u(z0_empty, 0): the
+    unconditional branch runs on the empty prompt's source, not on the conditional one."""
+    from gigatron.core.families.crossflow import flow, sources
+    from gigatron.core.models.patch_embed import unpatchify
+    from gigatron.core.objectives.flow_matching import grid_positions
+
+    model, x = _model(), _inputs()
+    z0, z0_empty = sources(model, x["text"], x["text_lengths"], seed=4)
+    assert not torch.allclose(z0, z0_empty)
+    t0, pos = torch.zeros(3), grid_positions((1, 2, 2), 3)
+    with torch.no_grad():
+        x1_c = z0 + model.velocity(z0, t0, torch.ones(3, dtype=torch.long), pos)
+        x1_u = z0_empty + model.velocity(z0_empty, t0, torch.zeros(3, dtype=torch.long), pos)
+    w = 2.5
+    got = flow(model, z0, z0_empty, guidance=w, steps=1)
+    m = model.cfg
+    torch.testing.assert_close(got, unpatchify(x1_u + w * (x1_c - x1_u), (1, 2, 2), m.patch, m.latent_channels))
+    torch.testing.assert_close(flow(model, z0, z0_empty, guidance=1.0, steps=1),
+                               unpatchify(x1_c, (1, 2, 2), m.patch, m.latent_channels))
