@@ -7,7 +7,10 @@ same run), over 3 seeds. Held-out accuracy on the 197 held-out digits (never tra
 Prints the mean and spread (min..max, std) of each, and the ratio MAWS / scratch of the means.
 Writes benchmarks/results/bench_vit_maws.json (+ .png: the MAE loss, and the accuracies).
 
-    python benchmarks/bench_vit_maws.py [--seeds 0 1 2]
+    python benchmarks/bench_vit_maws.py [--seeds 0 1 2] [--mae-steps 200]
+
+--mae-steps N shortens stage "mae" to N steps (the recipe's is 400) and keeps stage "supervised" at
+its 300 steps (train.steps = N + 300), for a loaded machine; the JSON records the length used.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import shutil
 import statistics
 import sys
 import time
+
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_vit_common import DATA, FEW, ROOT, accuracy, checkpoints, heldout, prepare_digits, train  # noqa: E402
@@ -32,6 +37,22 @@ SCRATCH = ["model.patch=8", "model.decoder_dim=32", "train.steps=300", "train.gl
            f"data.eval_path={os.path.join(DATA, 'digits32')}/train-{{000016..000017}}.tar", "data.shuffle_buffer=100"]
 
 
+def mae_overrides(mae_steps: int | None) -> tuple[list[str], int, int]:
+    """Overrides that end stage "mae" at mae_steps, the supervised stage keeping its length (the whole
+    run is shortened by the same amount); and the lengths of the two stages."""
+    with open(MAWS) as f:
+        recipe = yaml.safe_load(f)
+    stages, steps = recipe["stages"], recipe["train"]["steps"]
+    assert len(stages) == 2 and stages[0]["name"] == "mae", "expects the two stages mae, supervised"
+    supervised = steps - stages[0]["until_step"]
+    if mae_steps is None:
+        return [], stages[0]["until_step"], supervised
+    if mae_steps <= 0:
+        raise SystemExit("--mae-steps must be > 0")
+    stages[0]["until_step"] = mae_steps
+    return [f"stages={json.dumps(stages)}", f"train.steps={mae_steps + supervised}"], mae_steps, supervised
+
+
 def summary(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values), "values": values}
@@ -40,11 +61,14 @@ def summary(values: list[float]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--mae-steps", type=int, default=None,
+                        help="length of stage mae (default: the recipe's 400); stage supervised keeps its 300 steps")
     parser.add_argument("--work", default="/tmp/bench_vit_maws")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/bench_vit_maws.json"))
     args = parser.parse_args()
     prepare_digits(DATA)
     images, labels = heldout(DATA)
+    stage_overrides, mae_steps, supervised_steps = mae_overrides(args.mae_steps)
     runs = []
     for seed in args.seeds:
         row = {"seed": seed}
@@ -53,7 +77,7 @@ def main() -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
             start = time.time()
             if kind == "maws":
-                metrics = train(MAWS, [f"train.seed={seed}", "run.log_every=100"], run_dir)
+                metrics = train(MAWS, [f"train.seed={seed}", "run.log_every=100"] + stage_overrides, run_dir)
                 mae = [m["loss"] for m in metrics if m.get("stage") == "mae"]
                 row["mae_loss_first_last"] = [sum(mae[:10]) / 10, sum(mae[-10:]) / 10]
                 row["mae_loss_curve"] = mae[::10]
@@ -69,6 +93,7 @@ def main() -> int:
         runs.append(row)
     maws, scratch = summary([r["maws_heldout_accuracy"] for r in runs]), summary([r["scratch_heldout_accuracy"] for r in runs])
     out = {"benchmark": "bench_vit_maws", "date": time.strftime("%Y-%m-%d"), "recipe": "recipes/vit_debug_maws.yaml",
+           "mae_steps": mae_steps, "supervised_steps": supervised_steps, "overrides": stage_overrides,
            "labels_per_class": 10, "heldout_images": len(labels), "maws": maws, "scratch": scratch,
            "ratio_maws_over_scratch": maws["mean"] / scratch["mean"],
            "mae_loss_falls": all(r["mae_loss_first_last"][1] < r["mae_loss_first_last"][0] for r in runs), "runs": runs}
