@@ -4,8 +4,11 @@ ViTForImageClassification of the same shape, started from the same weights (expo
 core/convert/hf_vit.py), on the same real image batches (random crops of scikit-image photos), AdamW
 with the same hyper-parameters, fp32, the same thread count, alternating steps so a noisy machine
 slows both alike. Prints images/s of each and the ratio ours / transformers (target >= 1.2).
+--compile compiles every transformer block of both (torch.compile per block, as `train.compile`
+does for ours: like for like).
 
     python benchmarks/bench_vit_throughput.py [--dim 192 --depth 6 --image 64 --patch 8 --batch 32 --steps 8]
+                                              [--threads 1] [--compile]
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8, help="timed steps of each (after 2 warm-up steps)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block of both models")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/bench_vit_throughput.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,6 +85,11 @@ def main() -> int:
                                                              attn_implementation="sdpa")
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     hf.train()
+    if args.compile:
+        for block in ours.blocks.values() if hasattr(ours.blocks, "values") else ours.blocks:
+            block.compile()
+        for layer in hf.vit.encoder.layer:
+            layer.compile()
     objective = ClassificationObjective(None, m.num_classes)
 
     def ours_loss(batch):
@@ -110,7 +119,8 @@ def main() -> int:
                 times[name].append(elapsed)
     rate = {k: args.batch / statistics.median(v) for k, v in times.items()}
     ratio = rate["ours"] / rate["transformers"]
-    print(f"images/s  ours {rate['ours']:.1f}  transformers {rate['transformers']:.1f}  ratio {ratio:.3f} "
+    print(f"images/s{' (compiled)' if args.compile else ''}  ours {rate['ours']:.1f}  transformers "
+          f"{rate['transformers']:.1f}  ratio {ratio:.3f} "
           f"(target >= 1.2; first-step losses {first_loss['ours']:.5f} / {first_loss['transformers']:.5f})")
     out = {"benchmark": "bench_vit_throughput", "date": time.strftime("%Y-%m-%d"), "shape": vars(args),
            "images_per_s": rate, "ratio_ours_over_transformers": ratio, "target": 1.2,

@@ -101,7 +101,8 @@ def test_video_batches_are_crops_of_the_stored_frames(video_shards):
 
 def test_bad_clips_are_skipped_and_counted(tmp_path):
     """20 good clips (encoded H.264, decoded by the reader) plus one of each bad kind."""
-    from gigatron.data_pipeline.prepare_videos import _npy, encode_clip
+    from gigatron.data_pipeline.prepare_videos import encode_clip
+    from gigatron.data_pipeline.shard_writer import npy_bytes
 
     rng = np.random.default_rng(0)
     good = encode_clip(rng.integers(0, 255, size=(F, 32, 32, 3), dtype=np.uint8))
@@ -111,7 +112,7 @@ def test_bad_clips_are_skipped_and_counted(tmp_path):
             if i == 5:
                 members["mp4"] = good[: len(good) // 3]  # cut-short clip: does not decode all frames
             elif i == 11:
-                members = {"frames.npy": _npy(np.zeros((F, 32, 32), np.uint8)), "cls": b"1"}  # wrong shape
+                members = {"frames.npy": npy_bytes(np.zeros((F, 32, 32), np.uint8)), "cls": b"1"}  # wrong shape
             elif i == 17:
                 del members["mp4"]  # missing field
             writer.write(f"c{i:04d}", members)
