@@ -88,7 +88,7 @@ def main() -> int:
     if args.compile:
         for block in ours.blocks.values() if hasattr(ours.blocks, "values") else ours.blocks:
             block.compile()
-        for layer in hf.vit.encoder.layer:
+        for layer in hf.vit.layers if hasattr(hf.vit, "layers") else hf.vit.encoder.layer:
             layer.compile()
     objective = ClassificationObjective(None, m.num_classes)
 
