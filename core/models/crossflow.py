@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gigatron.core.models.llama import FeedForward, RMSNorm
-from gigatron.core.models.moviegen import (AdaLNSingle, Embed, MovieGenConfig, ModulationTable, SelfAttention,
-                                           TimeEmbedding, modulate, timestep_embedding)
+from gigatron.core.models.moviegen import (AdaLNSingle, Embed, HeadProjections, MovieGenConfig, ModulationTable,
+                                           SelfAttention, TimeEmbedding, modulate, timestep_embedding)
 from gigatron.core.models.patch_embed import patchify
 
 
@@ -72,25 +72,14 @@ class CrossFlowConfig(MovieGenConfig):
         return math.prod(self.latent_shape)
 
 
-class TextAttention(nn.Module):
+class TextAttention(HeadProjections):
     """Bidirectional self-attention over the prompt's tokens, masked to the real ones (explicit math)."""
-
-    def __init__(self, cfg: CrossFlowConfig):
-        super().__init__()
-        self.head_dim = cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x, bias):
         """x (B, L, d); bias (B, 1, 1, L): 0 on real tokens, a large negative number on padding."""
-        B, L, D = x.shape[0], x.shape[1], self.head_dim
-        q = self.wq(x).unflatten(-1, (-1, D)).transpose(1, 2)  # (B, H, L, D)
-        k = self.wk(x).unflatten(-1, (-1, D)).transpose(1, 2)
-        v = self.wv(x).unflatten(-1, (-1, D)).transpose(1, 2)
-        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D) + bias, dim=-1)  # (B, H, L, L)
-        return self.wo((weights @ v).transpose(1, 2).reshape(B, L, -1))
+        q, k, v = self.heads(self.wq, x), self.heads(self.wk, x), self.heads(self.wv, x)  # (B, H, L, D)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + bias, dim=-1)  # (B, H, L, L)
+        return self.merge(weights @ v)
 
 
 class TextBlock(nn.Module):

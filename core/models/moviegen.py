@@ -149,46 +149,45 @@ class Embed(nn.Module):
         return self.patch_embed.proj(tokens) + self.position(grid_positions)  # (B, N, d)
 
 
-class SelfAttention(nn.Module):
+class HeadProjections(nn.Module):
+    """The four d x d projections of multi-head attention (no GQA, no bias), shared by Movie Gen's
+    self- and cross-attention and CrossFlow's text encoder; `heads` reads (B, H/tp, T, D) from one."""
+
+    def __init__(self, cfg: MovieGenConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def heads(self, projection: nn.Module, x):
+        return projection(x).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, H/tp, T, D)
+
+    def merge(self, out):
+        """(B, H/tp, T, D) -> wo -> (B, T, d)."""
+        return self.wo(out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1))
+
+
+class SelfAttention(HeadProjections):
     """Bidirectional multi-head self-attention over the video tokens; `core` is what CP swaps."""
 
     def __init__(self, cfg: MovieGenConfig):
-        super().__init__()
-        self.head_dim = cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        super().__init__(cfg)
         self.core = AttentionCore(causal=False, backend=cfg.attention_backend)
 
     def forward(self, x, positions, segment_ids):
-        B, D = x.shape[0], self.head_dim
-        q = self.wq(x).unflatten(-1, (-1, D)).transpose(1, 2)  # (B, H/tp, N, D)
-        k = self.wk(x).unflatten(-1, (-1, D)).transpose(1, 2)
-        v = self.wv(x).unflatten(-1, (-1, D)).transpose(1, 2)
-        out = self.core(q, k, v, positions, segment_ids)  # (B, H/tp, N, D)
-        return self.wo(out.transpose(1, 2).reshape(B, out.shape[2], -1))  # (B, N, d)
+        q, k, v = self.heads(self.wq, x), self.heads(self.wk, x), self.heads(self.wv, x)
+        return self.merge(self.core(q, k, v, positions, segment_ids))  # (B, N, d)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(HeadProjections):
     """Video tokens attend to the prompt's text tokens (all of them, on every cp rank)."""
-
-    def __init__(self, cfg: MovieGenConfig):
-        super().__init__()
-        self.head_dim = cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x, text, text_mask):
         """x (B, N, d); text (B, L, d); text_mask (B, L) bool, True on real text tokens."""
-        B, D = x.shape[0], self.head_dim
-        q = self.wq(x).unflatten(-1, (-1, D)).transpose(1, 2)  # (B, H/tp, N, D)
-        k = self.wk(text).unflatten(-1, (-1, D)).transpose(1, 2)  # (B, H/tp, L, D)
-        v = self.wv(text).unflatten(-1, (-1, D)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=text_mask[:, None, None, :])
-        return self.wo(out.transpose(1, 2).reshape(B, out.shape[2], -1))
+        q, k, v = self.heads(self.wq, x), self.heads(self.wk, text), self.heads(self.wv, text)  # (B, H/tp, N|L, D)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=text_mask[:, None, None, :]))
 
 
 def modulate(x, shift, scale):
