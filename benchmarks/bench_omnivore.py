@@ -154,6 +154,11 @@ def head_accuracy(model, cfg, head: int, x: torch.Tensor, labels: torch.Tensor) 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--joint-steps", type=int, default=0,
+                        help="steps of the joint run (0: --steps); 2x --steps shows the joint model each modality "
+                             "as often as its single-modality model sees it (each micro-batch is one source, at weight 0.5)")
+    parser.add_argument("--keep", action="store_true",
+                        help="take the runs not in --runs from the previous --out file (same recipe and seed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nproc", type=int, default=2, help="processes (data parallel), 1 thread each")
     parser.add_argument("--runs", nargs="+", default=["joint", "images", "clips"])
@@ -191,8 +196,9 @@ def main() -> int:
         run_dir = os.path.join(args.work, run)
         shutil.rmtree(run_dir, ignore_errors=True)
         start = time.time()
-        overrides = variants[run] + [f"train.steps={args.steps}", f"train.seed={args.seed}",
-                                     f"checkpoint.interval={args.steps}", "train.eval_every=0", "run.log_every=50"]
+        steps = args.joint_steps if run == "joint" and args.joint_steps else args.steps
+        overrides = variants[run] + [f"train.steps={steps}", f"train.seed={args.seed}",
+                                     f"checkpoint.interval={steps}", "train.eval_every=0", "run.log_every=50"]
         metrics = train(RECIPE, overrides + args.set, run_dir, nproc=args.nproc)
         seconds = time.time() - start
         step, path = checkpoints(os.path.join(run_dir, "checkpoints"))[-1]
@@ -214,7 +220,13 @@ def main() -> int:
         print(f"{run:6s}: {step} steps, {seconds:.0f} s, " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()
                                                                       if k.endswith("accuracy") or "control" in k),
               flush=True)
-    out = {"benchmark": "bench_omnivore", "date": time.strftime("%Y-%m-%d"), "recipe": "recipes/omnivore_debug.yaml",
+    if args.keep and os.path.exists(args.out):
+        with open(args.out) as f:
+            previous = json.load(f)
+        for run, r in previous.get("results", {}).items():
+            if run not in results and previous.get("seed", 0) == args.seed:
+                results[run] = dict(r, kept_from_previous_run=previous.get("date"))
+    out = {"benchmark": "bench_omnivore", "seed": args.seed, "joint_steps": args.joint_steps or args.steps, "date": time.strftime("%Y-%m-%d"), "recipe": "recipes/omnivore_debug.yaml",
            "steps": args.steps, "nproc": args.nproc, "overrides": args.set,
            "data": {"digits": {"train_images": digits[FULL]["samples"] - len(image_labels),
                                "heldout_images": len(image_labels)},

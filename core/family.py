@@ -130,6 +130,7 @@ FAMILIES: dict[str, str | ModelFamily] = {
     "emu_video": "gigatron.core.families.emu_video",
     "omnivore": "gigatron.core.families.omnivore",
     "crossflow": "gigatron.core.families.crossflow",
+    "imagebind": "gigatron.core.families.imagebind",
 }
 
 

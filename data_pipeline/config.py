@@ -44,6 +44,8 @@ class DataConfig:
     modality: str = "image"               # image | video: what the shard readers decode (one modality per source)
     label_key: str = "cls"                # member holding the class label(s); "" = unlabelled data
     text_embeddings: bool = False         # video: require emb.npy (L, D) per clip -> "text_embeddings"
+    text_tokens: int = 0                  # L > 0: captions as byte tokens (B, L) "text_tokens" + "text_lengths" (ImageBind)
+    audio: bool = False                   # log-mel spectrograms (B, 1, n_mels, frames) "audio" (ImageBind)
     num_labels: int = 0                   # K > 0: multi-label; labels are multi-hot (B, K) float32 from "a,b,c" in .cls
     num_frames: int = 8                   # F: frames per video clip
     max_skip_fraction: float = 0.01       # stop with DataError when (skipped + lost) / read samples exceeds this

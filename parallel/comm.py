@@ -186,6 +186,46 @@ def ring_shift(x: torch.Tensor, mesh: DeviceMesh, dim: str, tag: int = 0) -> tup
     return recv, dist.batch_isend_irecv(ops)
 
 
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward `all_gather_dim0`, backward `reduce_scatter_dim0` (sum): see `all_gather_with_grad`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mesh: DeviceMesh, dim: str) -> torch.Tensor:
+        ctx.mesh, ctx.dim = mesh, dim
+        return all_gather_dim0(x, mesh, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return reduce_scatter_dim0(grad, ctx.mesh, ctx.dim), None, None
+
+
+def all_gather_with_grad(x: torch.Tensor, mesh: DeviceMesh, dim: str, grad: bool = True) -> torch.Tensor:
+    """(n, ...) -> (W*n, ...) over mesh[dim], rank-ordered rows, differentiable: every rank's rows
+    get the gradient of every rank's loss (open_clip's gather_with_grad; contrastive negatives).
+
+    Backward is a reduce-scatter with SUM: rank r's loss used all W*n rows, so the gradient of the
+    global loss sum(loss_r) with respect to rank s's rows is the sum over r of what each rank's
+    backward puts on those rows; rank s keeps the slice of that sum it owns and back-propagates it
+    into its own encoder (a mean would divide every cross-rank term by W). Composition with the
+    trainer (core/family.py): each rank back-propagates loss_r * dp / N, so after this sum rank s
+    holds dp / N x (the part of d sum(loss) / d theta that flows through its own samples); the
+    parts of the W ranks add up to dp / N x the whole gradient, and FSDP's average over the dp ranks
+    divides by dp: d sum(loss) / d theta / N, as one process over the global batch. Tensors stay on
+    x's device (NCCL-ready); size 1 is the identity.
+
+    grad=False is the naive gather, kept only as the negative control of the tests: the other ranks'
+    rows are detached and only this rank's own rows (put back in place) carry gradient, so the
+    terms where another rank's loss uses this rank's rows are lost."""
+    W = mesh[dim].size()
+    if W == 1:
+        return x
+    if grad:
+        return _AllGatherWithGrad.apply(x, mesh, dim)
+    out = all_gather_dim0(x.detach(), mesh, dim)
+    r, n = mesh[dim].get_local_rank(), x.shape[0]
+    return torch.cat([out[:r * n], x, out[(r + 1) * n:]])
+
 # -- the textbook minimum ------------------------------------------------------------------------
 
 def textbook_bytes(cfg, units: list[int], n_micro: int, compute_bytes: int = 4, layers: int = 0, dim: int = 0,
