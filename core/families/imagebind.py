@@ -17,15 +17,10 @@ from __future__ import annotations
 
 import math
 
-from gigatron.core.config_loader import ConfigError
 from gigatron.core.families import vit
+from gigatron.core.families.vit import _require
 from gigatron.core.family import InitRule, ModelFamily, ParallelPlan, register_family
 from gigatron.core.models.imagebind import MODALITIES, ImageBind, ImageBindConfig, encoder_parameters
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(key, message)
 
 
 def validate(cfg) -> None:

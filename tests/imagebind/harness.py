@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from tests.omnivore.harness import _Reader
 from tests.vit.harness import digits, write_digits  # noqa: F401  (write_digits: the tests' .npz)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,33 +29,21 @@ def captions(labels: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Ten
     return out, torch.tensor([len(r) for r in ids])
 
 
-class Reader:
+class Reader(_Reader):
+    """Omnivore's test reader (the sample indices, the resumable state) with captions and spectrograms."""
+
     def __init__(self, cfg, split: str, dp_rank: int, dp_size: int):
-        self.path, self.size, self.B = cfg.data.path, cfg.data.image_size, cfg.train.micro_batch_size
+        super().__init__(cfg, split, dp_rank, dp_size)
         self.tokens, self.mels = cfg.data.text_tokens, (cfg.model.n_mels, cfg.model.audio_frames)
-        self.dp_rank, self.dp_size, self.consumed = dp_rank, dp_size, 0
 
     def next_batch(self):
-        first = self.consumed + self.dp_rank * self.B
-        g = torch.arange(first, first + self.B)
-        self.consumed += self.B * self.dp_size
-        images, labels = digits(self.path, self.size)
-        x, y = images[g % 1797], labels[g % 1797]
-        tokens, lengths = captions(y, self.tokens)
-        gen = [torch.Generator().manual_seed(int(i)) for i in g]
-        audio = torch.stack([torch.randn(1, *self.mels, generator=r) for r in gen])
-        audio[torch.arange(self.B), 0, y % self.mels[0]] += 3.0  # synthetic: a band at the class's row
-        return {"sample_index": g, "images": x, "labels": y, "text_tokens": tokens, "text_lengths": lengths,
-                "audio": audio}
-
-    def state_dict(self):
-        return {"consumed": self.consumed}
-
-    def load_state_dict(self, state):
-        self.consumed = int(state["consumed"])
-
-    def stats(self):
-        return {}
+        batch = super().next_batch()  # the real digits of samples g: sample_index, images, labels
+        g, y = batch["sample_index"], batch["labels"]
+        batch["text_tokens"], batch["text_lengths"] = captions(y, self.tokens)
+        audio = torch.stack([torch.randn(1, *self.mels, generator=torch.Generator().manual_seed(int(i))) for i in g])
+        audio[torch.arange(len(g)), 0, y % self.mels[0]] += 3.0  # synthetic: a band at the class's row
+        batch["audio"] = audio
+        return batch
 
 
 def register() -> None:
